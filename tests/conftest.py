@@ -1,0 +1,16 @@
+import os
+import sys
+
+
+# Test helpers (the independent reference implementation) are imported as top-level modules.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    # Marks of transformers' common test mixins, which test_transformers_common.py runs against MobileMoE.
+    for mark in (
+        "generate", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "all_flash_attn_test",
+        "torch_compile_test", "accelerate_tests", "is_pipeline_test", "is_training_test", "bitsandbytes",
+    ):  # fmt: skip
+        config.addinivalue_line("markers", f"{mark}: mark of transformers' common model tests")
