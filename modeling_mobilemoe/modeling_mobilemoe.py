@@ -28,9 +28,11 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, Transpose, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -269,17 +271,24 @@ class MobileMoETopkRouter(nn.Module):
         return router_logits, top_k_weights, top_k_index
 
 
-@use_experts_implementation(is_transposed=True)
+@use_experts_implementation
 class MobileMoEExperts(nn.Module):
-    """Routed SwiGLU experts stored as 3-D tensors in the released `[experts, in, out]` layout (gate first)."""
+    """Routed SwiGLU experts as 3-D tensors in `nn.Linear` layout: `gate_up_proj [E, 2I, H]` (gate rows first) and
+    `down_proj [E, H, I]`.
+
+    Checkpoints keep the released `feed_forward.experts.* [E, in, out]` layout; loading and saving transpose and
+    rename (see the conversion mapping at the end of this file). The `nn.Linear` layout is what CPU matmul kernels
+    want: on CPUs without native bf16 matmul, a bf16 `x @ W` with `W` stored `[in, out]` falls off oneDNN's kernels
+    (measured 16x slower than `F.linear`).
+    """
 
     def __init__(self, config: MobileMoEConfig):
         super().__init__()
         self.num_experts = config.num_local_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, 2 * self.intermediate_dim))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
@@ -293,11 +302,72 @@ class MobileMoEExperts(nn.Module):
         for expert_idx in expert_hit:
             expert_idx = expert_idx[0]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = (hidden_states[token_idx] @ self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = (self.act_fn(gate) * up) @ self.down_proj[expert_idx]
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
             expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
         return final_hidden_states
+
+
+# Below this many rows, a bf16/fp16 matmul stays in its dtype even on CPUs without native half-precision kernels: it
+# is memory-bound there and upcasting the weight costs more than it saves (crossover measured at 4-8 rows on AVX2).
+_UPCAST_MIN_ROWS = 8
+# With no more (token, expert) slots than this, compiled graphs use the gather formulation (decode); else grouped_mm.
+_BATCHED_MM_MAX_SLOTS = 64
+
+
+def _cpu_needs_upcast(tensor: torch.Tensor) -> bool:
+    """Whether half-precision matmuls of `tensor` are faster in float32 on this machine (CPUs without AVX512-BF16/AMX)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if tensor.dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def _expert_swiglu(module: nn.Module, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert on its rows: `down(silu(gate) * up)`."""
+    if rows.shape[0] >= _UPCAST_MIN_ROWS and _cpu_needs_upcast(rows):
+        return _expert_swiglu(module, rows.float(), gate_up.float(), down.float()).to(rows.dtype)
+    gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)
+    return F.linear(module.act_fn(gate) * up, down)
+
+
+def sorted_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Sparse experts for CPU inference and training: the (token, expert) slots are sorted by expert and each expert
+    that received tokens runs one matmul pair on its contiguous rows (a grouped GEMM); unselected experts cost nothing.
+    Compiled/exported graphs and accelerators use transformers' traceable `batched_mm` (few slots) or `grouped_mm`.
+    """
+    num_tokens, hidden_dim = hidden_states.shape
+    num_slots = top_k_index.numel()
+    if torch.compiler.is_compiling() or hidden_states.device.type != "cpu":
+        fallback = "batched_mm" if num_slots <= _BATCHED_MM_MAX_SLOTS else "grouped_mm"
+        return ALL_EXPERTS_FUNCTIONS[fallback](self, hidden_states, top_k_index, top_k_weights)
+
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    token_of_slot = order // top_k
+    counts = torch.bincount(expert_ids, minlength=self.num_experts)
+    hit_experts = counts.nonzero().flatten()
+    rows_per_expert = hidden_states[token_of_slot].split(counts[hit_experts].tolist())
+    # Under autograd, per-expert views come from one `unbind` so the backward writes each weight gradient once.
+    if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+    else:
+        gate_up_weights, down_weights = self.gate_up_proj, self.down_proj
+    expert_outputs = [
+        _expert_swiglu(self, rows, gate_up_weights[expert], down_weights[expert])
+        for expert, rows in zip(hit_experts.tolist(), rows_per_expert)
+    ]
+    weighted = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]  # float32 routing weights
+    output = torch.zeros(num_tokens, hidden_dim, dtype=weighted.dtype, device=hidden_states.device)
+    return output.index_add_(0, token_of_slot, weighted).to(hidden_states.dtype)
+
+
+ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
 
 
 def _keep_float32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -318,7 +388,7 @@ class MobileMoESparseMoeBlock(nn.Module):
     def __init__(self, config: MobileMoEConfig):
         super().__init__()
         self.router = MobileMoETopkRouter(config)
-        self.experts = MobileMoEExperts(config)
+        self.routed_experts = MobileMoEExperts(config)
         self.shared_expert = MobileMoEMLP(config)
         # Aux-loss-free balancing: training code nudges this selection bias towards under-loaded experts.
         self.register_buffer("expert_bias", torch.zeros(config.num_local_experts, dtype=torch.float32))
@@ -339,7 +409,7 @@ class MobileMoESparseMoeBlock(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(top_k_index.flatten(), minlength=self.expert_load.numel())
-        routed_output = self.experts(hidden_states, top_k_index, top_k_weights)
+        routed_output = self.routed_experts(hidden_states, top_k_index, top_k_weights)
         output = routed_output + self.shared_expert(hidden_states)
         return output.reshape(batch_size, sequence_length, hidden_dim)
 
@@ -403,6 +473,10 @@ class MobileMoEPreTrainedModel(PreTrainedModel):
         "attentions": MobileMoEAttention,
     }
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Unless asked otherwise, experts run `sorted_mm`, which picks its formulation by device and graph capture.
+        return super().get_correct_experts_implementation(requested_experts or "sorted_mm")
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -427,12 +501,8 @@ class MobileMoEPreTrainedModel(PreTrainedModel):
             model, state_dict, checkpoint_files, load_config, expected_keys
         )
         if packed:
-            # The model is dense now: it saves as a plain checkpoint, not back into the packed format.
-            model._weight_conversions = [
-                conversion
-                for conversion in model._weight_conversions
-                if not isinstance(getattr(conversion, "operations", [None])[0], MobileMoEDequantizeInt4)
-            ]
+            # The model is dense now: it saves as a plain checkpoint (default conversions), not the packed format.
+            del model._weight_conversions
             model.config.quantization = None
         return loading_info, disk_offload_index
 
@@ -711,11 +781,26 @@ def int4_dequantize_converters() -> list[WeightConverter]:
     """Key mapping of the packed format. Expert patterns come first: `qweight` would also match `gate_up_qweight`."""
     return [
         WeightConverter(
-            ["experts.gate_up_qweight", "experts.gate_up_scale"], "experts.gate_up_proj", [MobileMoEDequantizeInt4()]
-        ),
-        WeightConverter(["experts.down_qweight", "experts.down_scale"], "experts.down_proj", [MobileMoEDequantizeInt4()]),
-        WeightConverter(["qweight", "weight_scale"], "weight", [MobileMoEDequantizeInt4()]),
-    ]
+            [rf"feed_forward\.experts\.{name}_qweight", rf"feed_forward\.experts\.{name}_scale"],
+            f"feed_forward.routed_experts.{name}_proj",
+            [MobileMoEDequantizeInt4(), Transpose(1, 2)],
+        )
+        for name in ("gate_up", "down")
+    ] + [WeightConverter(["qweight", "weight_scale"], "weight", [MobileMoEDequantizeInt4()])]
+
+
+# Checkpoints store experts as `feed_forward.experts.* [E, in, out]` (the released layout); the model keeps them as
+# `feed_forward.routed_experts.*` in `nn.Linear` layout. The new name is what tells the layouts apart (a checkpoint
+# saved with `save_original_format=False` is already converted): shapes cannot, since for MobileMoE-S both layouts of
+# `gate_up_proj` are [60, 768, 768].
+register_checkpoint_conversion_mapping(
+    MobileMoEConfig.model_type,
+    [
+        WeightConverter(rf"feed_forward\.experts\.{name}", f"feed_forward.routed_experts.{name}", [Transpose(1, 2)])
+        for name in ("gate_up_proj", "down_proj")
+    ],
+    overwrite=True,
+)
 
 
 __all__ = ["MobileMoEForCausalLM", "MobileMoEModel", "MobileMoEPreTrainedModel"]

@@ -134,7 +134,7 @@ def test_sdpa_matches_eager():
     torch.testing.assert_close(sdpa[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("implementation", ["sorted_mm", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_implementations_agree_with_eager(implementation, dtype):
     model = make_model().to(dtype)
@@ -150,20 +150,20 @@ def test_experts_implementations_agree_with_eager(implementation, dtype):
     torch.testing.assert_close(other, eager, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("implementation", ["eager", "sorted_mm", "batched_mm", "grouped_mm"])
 def test_experts_edge_cases(implementation):
     """Ties in routing scores, one expert picked by every token, experts with no tokens."""
     model = make_model(experts_implementation=implementation)
     block = model.moe_blocks()[0]
-    experts = block.experts
+    experts = block.routed_experts
     hidden = torch.randn(5, 64)
     top_k_index = torch.tensor([[3, 3], [3, 0], [0, 3], [3, 5], [5, 0]])  # expert 3 repeats; 1, 2, 4, 6, 7 idle
     top_k_weights = torch.full((5, 2), 0.5)  # tied weights
     out = experts(hidden, top_k_index, top_k_weights)
 
-    def expert(e, x):
-        gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
-        return (torch.nn.functional.silu(gate) * up) @ experts.down_proj[e]
+    def expert(e, x):  # nn.Linear layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+        gate, up = (experts.gate_up_proj[e] @ x).chunk(2, dim=-1)
+        return experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
 
     expected = torch.stack(
         [sum(0.5 * expert(e, hidden[t]) for e in top_k_index[t].tolist()) for t in range(5)]
@@ -185,7 +185,7 @@ def test_router_and_bias_stay_fp32_under_casts(tmp_path):
         block = model.moe_blocks()[0]
         assert block.router.weight.dtype == torch.float32
         assert block.expert_bias.dtype == torch.float32
-        assert block.experts.gate_up_proj.dtype != torch.float32
+        assert block.routed_experts.gate_up_proj.dtype != torch.float32
         assert model.model.layers[0].self_attn.q_proj.weight.dtype != torch.float32
     model.to(torch.float32).save_pretrained(tmp_path)
     for key in ("dtype", "torch_dtype"):

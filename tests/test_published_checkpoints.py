@@ -69,20 +69,35 @@ def test_published_layout_matches_reference(published, layout):
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
 
 
-def test_int4_checkpoint_dequantizes_exactly(published):
-    """Every dense weight after loading equals q * scale of the packed tensors, computed independently."""
+def test_int4_checkpoint_dequantizes_exactly(published, tmp_path):
+    """Every dense weight after loading equals q * scale of the packed tensors, computed independently; saving
+    writes them back in the published (bf16) layout."""
     _, _, int4_dir = published
     model = AutoModelForCausalLM.from_pretrained(int4_dir, dtype=torch.float32)
-    ours = model.state_dict()
-    for key, value in dequantized_state_dict(int4_dir).items():
-        torch.testing.assert_close(ours[key].float(), value.float(), atol=0, rtol=0, msg=key)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    expected = dequantized_state_dict(int4_dir)
+    assert sorted(saved) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key].float(), value.float(), atol=0, rtol=0, msg=key)
+
+
+def test_experts_are_kept_in_linear_layout(published):
+    config, bf16_dir, _ = published
+    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)
+    published_tensors = dequantized_state_dict(bf16_dir)
+    experts = model.moe_blocks()[0].routed_experts
+    layer = next(i for i, layer in enumerate(model.model.layers) if layer.is_moe_layer)
+    prefix = f"model.layers.{layer}.feed_forward.experts."
+    torch.testing.assert_close(experts.gate_up_proj, published_tensors[prefix + "gate_up_proj"].transpose(1, 2))
+    torch.testing.assert_close(experts.down_proj, published_tensors[prefix + "down_proj"].transpose(1, 2))
 
 
 def test_int4_loads_in_bf16_with_fp32_router(published):
     config, _, int4_dir = published
     model = AutoModelForCausalLM.from_pretrained(int4_dir, dtype=torch.bfloat16)
     block = model.moe_blocks()[0]
-    assert block.experts.gate_up_proj.dtype == torch.bfloat16
+    assert block.routed_experts.gate_up_proj.dtype == torch.bfloat16
     assert block.router.weight.dtype == torch.float32 and block.expert_bias.dtype == torch.float32
     # A dequantized model is dense: it no longer claims the packed format and saves plain tensors.
     assert model.config.quantization is None
@@ -136,7 +151,7 @@ def _edit_weights(folder, edit):
 
 def test_missing_tensor_is_named(bf16_folder):
     _edit_weights(bf16_folder, lambda t: t.pop("model.layers.1.feed_forward.experts.down_proj"))
-    with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.1.feed_forward.experts.down_proj'\]"):
+    with pytest.raises(ValueError, match=r"missing tensors: \[.model.layers.1.feed_forward.routed_experts.down_proj.\]"):
         AutoModelForCausalLM.from_pretrained(bf16_folder)
 
 
