@@ -75,8 +75,7 @@ class MobileMoEQKNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        return (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
     def extra_repr(self):
         return f"eps={self.eps}"
@@ -346,6 +345,19 @@ def sorted_mm_experts_forward(
         fallback = "batched_mm" if num_slots <= _BATCHED_MM_MAX_SLOTS else "grouped_mm"
         return ALL_EXPERTS_FUNCTIONS[fallback](self, hidden_states, top_k_index, top_k_weights)
 
+    # Under autograd, per-expert views come from one `unbind` so the backward writes each weight gradient once.
+    if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+    else:
+        gate_up_weights, down_weights = self.gate_up_proj, self.down_proj
+
+    if num_tokens == 1:  # decode: the k selected experts, combined by one (1, k) x (k, H) matmul
+        expert_outputs = [
+            _expert_swiglu(self, hidden_states, gate_up_weights[expert], down_weights[expert])
+            for expert in top_k_index[0].tolist()
+        ]
+        return torch.mm(top_k_weights, torch.cat(expert_outputs).float()).to(hidden_states.dtype)
+
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
@@ -353,11 +365,6 @@ def sorted_mm_experts_forward(
     counts = torch.bincount(expert_ids, minlength=self.num_experts)
     hit_experts = counts.nonzero().flatten()
     rows_per_expert = hidden_states[token_of_slot].split(counts[hit_experts].tolist())
-    # Under autograd, per-expert views come from one `unbind` so the backward writes each weight gradient once.
-    if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
-        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-    else:
-        gate_up_weights, down_weights = self.gate_up_proj, self.down_proj
     expert_outputs = [
         _expert_swiglu(self, rows, gate_up_weights[expert], down_weights[expert])
         for expert, rows in zip(hit_experts.tolist(), rows_per_expert)

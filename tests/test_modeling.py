@@ -304,3 +304,41 @@ def test_torch_compile_matches_eager_forward():
         expected = model(input_ids).logits
         compiled = torch.compile(model, backend="eager", fullgraph=False)
         torch.testing.assert_close(compiled(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 40])
+def test_sorted_mm_matches_eager_for_decode_and_prefill_shapes(dtype, num_tokens):
+    """Single-token decode, a few tokens, and enough rows per expert to take the bf16 upcast path."""
+    experts = make_model().to(dtype).moe_blocks()[0].routed_experts
+    hidden = torch.randn(num_tokens, 64, dtype=dtype)
+    scores = torch.rand(num_tokens, 8)
+    top_k_weights, top_k_index = scores.topk(2, dim=-1)
+    with torch.no_grad():
+        experts.config._experts_implementation = "eager"
+        eager = experts(hidden, top_k_index, top_k_weights).float()
+        experts.config._experts_implementation = "sorted_mm"
+        fast = experts(hidden, top_k_index, top_k_weights).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast, eager, atol=tolerance, rtol=tolerance)
+
+
+def test_sorted_mm_gradients_match_eager():
+    input_ids = tokens(batch=2, length=12)
+    grads = {}
+    for implementation in ("eager", "sorted_mm"):
+        model = make_model(experts_implementation=implementation).train()
+        model(input_ids, labels=input_ids).loss.backward()
+        grads[implementation] = {name: p.grad for name, p in model.named_parameters()}
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["sorted_mm"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sorted_mm_is_the_default_and_compiles_fullgraph():
+    model = make_model()
+    assert model.config._experts_implementation == "sorted_mm"
+    input_ids = tokens(batch=1, length=1)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(input_ids).logits, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,236 @@
+"""Prefill and decode speed of MobileMoE vs transformers' Qwen2-MoE (every experts implementation), a loop over all
+experts, and a dense MobileLLM-Pro-shaped Llama, side by side in one process, batch 1, random weights.
+
+    python benchmarks/bench_inference.py                      # S shape, fp32 and bf16, writes JSON + PNG
+    python benchmarks/bench_inference.py --layers 4 --repeats 2   # a quicker, shortened run
+
+- prefill: one forward over `--prefill-tokens` tokens with `use_cache=True, logits_to_keep=1` (what `generate` does);
+- decode: one-token forwards against a static KV cache holding `--context` tokens (filled with random keys/values,
+  which cost the same to attend to as real ones), the cache cropped back after each step;
+- the median of `--repeats` runs after a warm-up; peak RSS sampled during each mode; memory bandwidth measured in the
+  same run, so the decode speed can be put against the bandwidth limit (active weight + KV bytes per token).
+A mode projected to take longer than `--budget-seconds` for one prefill is reported as too slow, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from transformers import StaticCache
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    DTYPES,
+    MODES,
+    PeakRSS,
+    bar_chart,
+    build,
+    free,
+    machine_info,
+    median_seconds,
+    memory_bandwidth,
+    summarize,
+    write_json,
+)
+
+
+PROBE_TOKENS = 64
+
+
+def random_cache(model, context: int) -> StaticCache:
+    """A static KV cache (no per-step reallocation, as `cache_implementation="static"` generation uses) holding
+    `context` random tokens, with room for one more."""
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=context + 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (1, config.num_key_value_heads, context, head_dim)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.randn(shape, dtype=model.dtype), torch.randn(shape, dtype=model.dtype), layer)
+    return cache
+
+
+def measure_prefill(model, tokens: int, repeats: int, budget: float) -> dict:
+    input_ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(ids):
+        with torch.no_grad():
+            model(ids, use_cache=True, logits_to_keep=1)
+
+    probe = min(median_seconds(lambda: run(input_ids[:, :PROBE_TOKENS]), repeats=2))
+    projected = probe * tokens / PROBE_TOKENS
+    if projected > budget:
+        return {"status": "too slow", "projected_s": projected, "tok_s_below": tokens / projected}
+    times = median_seconds(lambda: run(input_ids), repeats, warmup=0)
+    result = summarize(times)
+    return {"status": "ok", **result, "tok_s": tokens / result["median_s"]}
+
+
+def measure_decode(model, context: int, steps: int) -> dict:
+    cache = random_cache(model, context)
+    token = torch.tensor([[1]])
+    position_ids = torch.tensor([[context]])
+
+    def step():
+        with torch.no_grad():
+            model(token, cache=cache, position_ids=position_ids, use_cache=True)
+        cache.crop(-1)  # back to `context` tokens
+
+    result = summarize(median_seconds(step, steps, warmup=2))
+    return {"status": "ok", **result, "tok_s": 1.0 / result["median_s"]}
+
+
+def active_bytes_per_token(model, context: int) -> dict:
+    """Weight bytes one decode step reads (MoE: only the selected experts) and the KV cache bytes it attends to."""
+    config = model.config
+    element = torch.finfo(model.dtype).bits // 8
+    if hasattr(config, "num_active_parameters"):
+        weights = config.num_active_parameters() * element
+    else:
+        num_experts = getattr(config, "num_experts", 0)
+        unselected = 0
+        if num_experts:
+            per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+            unselected = config.num_hidden_layers * (num_experts - config.num_experts_per_tok) * per_expert
+        weights = (model.num_parameters() - unselected) * element
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * element
+    return {"weights": weights, "kv_cache": kv}
+
+
+def check_against_eager(model) -> float:
+    """Max |logit| difference between the mode's experts implementation and the eager reference path."""
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model(input_ids).logits.float()
+        implementation = model.config._experts_implementation
+        model.set_experts_implementation("eager")
+        reference = model(input_ids).logits.float()
+        model.set_experts_implementation(implementation)
+    return (fast - reference).abs().max().item()
+
+
+def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
+    with PeakRSS() as rss:
+        model = build(mode, args.size, args.layers, dtype)
+        result = {"parameters": model.num_parameters(), "bytes_per_token": active_bytes_per_token(model, args.context)}
+        if mode.startswith("mobilemoe"):
+            result["max_abs_diff_vs_eager"] = check_against_eager(model)
+        result["decode"] = measure_decode(model, args.context, args.decode_steps)
+        estimated_gather = 4 * args.prefill_tokens * model.config.hidden_size * model.config.hidden_size * 3 // 2
+        if mode.endswith("batched_mm") and estimated_gather * dtype.itemsize > args.gather_limit_gb * 1e9:
+            result["prefill"] = {
+                "status": "skipped",
+                "reason": f"batched_mm gathers one weight copy per (token, expert) slot: ~{estimated_gather * dtype.itemsize / 1e9:.0f} GB per layer",
+            }
+        else:
+            result["prefill"] = measure_prefill(model, args.prefill_tokens, args.repeats, args.budget_seconds)
+        free(model)
+    result["peak_rss_gib"] = rss.peak / 2**30
+    return result
+
+
+def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
+    def speed(mode):
+        entry = results.get(mode, {}).get(phase, {})
+        return entry.get("tok_s")
+
+    ours = speed("mobilemoe")
+    out = {}
+    if ours is None:
+        return out
+    if speed("dense-pro"):
+        out["vs_dense_pro"] = ours / speed("dense-pro")
+    qwen = [speed(mode) for mode in results if mode.startswith("qwen2moe") and speed(mode)]
+    if qwen:
+        out["vs_best_qwen2moe"] = ours / max(qwen)
+    if speed("mobilemoe-loop-all-experts"):
+        out["vs_loop_all_experts"] = ours / speed("mobilemoe-loop-all-experts")
+    elif results.get("mobilemoe-loop-all-experts", {}).get(phase, {}).get("tok_s_below"):
+        out["vs_loop_all_experts_at_least"] = ours / results["mobilemoe-loop-all-experts"][phase]["tok_s_below"]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="S", choices=["S", "M", "L"])
+    parser.add_argument("--layers", type=int, help="shorten every model to this many MoE layers (dense in proportion)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--context", type=int, default=1024, help="KV cache length for decode")
+    parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--decode-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="prefill runs (median reported)")
+    parser.add_argument("--budget-seconds", type=float, default=240.0, help="skip a prefill projected to take longer")
+    parser.add_argument("--gather-limit-gb", type=float, default=4.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/inference_<size>.json)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    suffix = f"{args.size}" + (f"_{args.layers}layers" if args.layers else "")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"inference_{suffix}.json")
+    report = {
+        "benchmark": "inference",
+        "size": args.size,
+        "layers": args.layers,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "machine": machine_info(args.threads),
+        "memory_bandwidth": memory_bandwidth(),
+        "results": {},
+        "ratios": {},
+    }
+    bandwidth = report["memory_bandwidth"]
+    print(f"machine: {report['machine']}\nmemory bandwidth: {bandwidth}")
+    for dtype_name in args.dtypes:
+        results = report["results"][dtype_name] = {}
+        for mode in args.modes:
+            print(f"[{dtype_name}] {mode} ...", flush=True)
+            results[mode] = entry = run_mode(mode, args, DTYPES[dtype_name])
+            moved = entry["bytes_per_token"]["weights"] + entry["bytes_per_token"]["kv_cache"]
+            entry["decode"]["fraction_of_read_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["read_gb_s"] * 1e9)
+            entry["decode"]["fraction_of_copy_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["copy_gb_s"] * 1e9)
+            prefill = entry["prefill"]
+            prefill_text = f"{prefill['tok_s']:.1f} tok/s" if "tok_s" in prefill else prefill["status"]
+            print(
+                f"    decode {entry['decode']['tok_s']:.2f} tok/s ({entry['decode']['fraction_of_read_bandwidth']:.0%} of read "
+                f"bandwidth), prefill {prefill_text}, peak RSS {entry['peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
+            write_json(out, report)
+        report["ratios"][dtype_name] = {phase: ratios(results, phase) for phase in ("decode", "prefill")}
+        write_json(out, report)
+
+    print_table(report)
+    chart = os.path.splitext(out)[0] + ".png"
+    panels = {}
+    for dtype_name, results in report["results"].items():
+        for phase in ("decode", "prefill"):
+            panels[f"{phase} {dtype_name}"] = {
+                mode: entry[phase]["tok_s"] for mode, entry in results.items() if "tok_s" in entry[phase]
+            }
+    title = f"MobileMoE-{args.size} vs baselines, batch 1, {args.threads} threads" + (f", {args.layers} layers" if args.layers else "")
+    bar_chart(chart, title, panels, "tokens / s")
+    print(f"wrote {out} and {chart}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'dtype':<9} {'mode':<28} {'decode tok/s':>12} {'% read BW':>9} {'prefill tok/s':>13} {'peak RSS GiB':>12}")
+    for dtype_name, results in report["results"].items():
+        for mode, entry in results.items():
+            prefill = entry["prefill"]
+            prefill_text = f"{prefill['tok_s']:.1f}" if "tok_s" in prefill else f"<{prefill['tok_s_below']:.1f}" if "tok_s_below" in prefill else "-"
+            print(
+                f"{dtype_name:<9} {mode:<28} {entry['decode']['tok_s']:>12.2f} "
+                f"{entry['decode']['fraction_of_read_bandwidth']:>9.0%} {prefill_text:>13} {entry['peak_rss_gib']:>12.2f}"
+            )
+        for phase, values in report["ratios"].get(dtype_name, {}).items():
+            print(f"{dtype_name:<9} mobilemoe {phase} speed-up: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

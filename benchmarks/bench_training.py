@@ -1,0 +1,117 @@
+"""Training-step speed (forward + backward, no optimizer) of MobileMoE vs transformers' Qwen2-MoE (each experts
+implementation) and a dense MobileLLM-Pro-shaped Llama, side by side in one process, random weights and tokens.
+
+    python benchmarks/bench_training.py                       # S shape, fp32, batch 2 x 512 tokens
+    python benchmarks/bench_training.py --layers 4 --dtypes float32 bfloat16
+
+The median of `--repeats` steps after a warm-up step; peak RSS sampled during each mode. A mode projected (from a
+128-token probe step) to take longer than `--budget-seconds` per step is reported as too slow, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import DTYPES, MODES, PeakRSS, bar_chart, build, free, machine_info, median_seconds, summarize, write_json  # noqa: E402
+
+
+PROBE_TOKENS = 128
+DEFAULT_MODES = ["mobilemoe", "mobilemoe-eager", "qwen2moe-eager", "qwen2moe-grouped_mm", "dense-pro"]
+
+
+def training_step(model, input_ids):
+    def step():
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    with PeakRSS() as rss:
+        model = build(mode, args.size, args.layers, dtype).train()
+        input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=generator)
+        probe = min(median_seconds(training_step(model, input_ids[:1, :PROBE_TOKENS]), repeats=1))
+        projected = probe * input_ids.numel() / PROBE_TOKENS
+        if projected > args.budget_seconds:
+            result = {"status": "too slow", "projected_s": projected, "tok_s_below": input_ids.numel() / projected}
+        else:
+            step_summary = summarize(median_seconds(training_step(model, input_ids), args.repeats, warmup=1))
+            result = {"status": "ok", **step_summary, "tok_s": input_ids.numel() / step_summary["median_s"]}
+        result["parameters"] = model.num_parameters()
+        free(model)
+    result["peak_rss_gib"] = rss.peak / 2**30
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="S", choices=["S", "M", "L"])
+    parser.add_argument("--layers", type=int, help="shorten every model to this many MoE layers (dense in proportion)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-seconds", type=float, default=300.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_<size>.json)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    suffix = f"{args.size}" + (f"_{args.layers}layers" if args.layers else "")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"training_{suffix}.json")
+    report = {
+        "benchmark": "training",
+        "size": args.size,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": machine_info(args.threads),
+        "results": {},
+        "ratios": {},
+    }
+    for dtype_name in args.dtypes:
+        results = report["results"][dtype_name] = {}
+        for mode in args.modes:
+            print(f"[{dtype_name}] {mode} ...", flush=True)
+            results[mode] = run_mode(mode, args, DTYPES[dtype_name])
+            entry = results[mode]
+            speed = f"{entry['tok_s']:.1f} tok/s" if "tok_s" in entry else f"too slow (< {entry['tok_s_below']:.1f} tok/s)"
+            print(f"    {speed}, peak RSS {entry['peak_rss_gib']:.2f} GiB", flush=True)
+            write_json(out, report)
+        speeds = {mode: entry["tok_s"] for mode, entry in results.items() if "tok_s" in entry}
+        qwen = [value for mode, value in speeds.items() if mode.startswith("qwen2moe")]
+        if "mobilemoe" in speeds:
+            ratios = report["ratios"][dtype_name] = {}
+            if qwen:
+                ratios["vs_best_qwen2moe"] = speeds["mobilemoe"] / max(qwen)
+            if "dense-pro" in speeds:
+                ratios["vs_dense_pro"] = speeds["mobilemoe"] / speeds["dense-pro"]
+        write_json(out, report)
+
+    print(f"\n{'dtype':<9} {'mode':<28} {'train tok/s':>11} {'peak RSS GiB':>12}")
+    for dtype_name, results in report["results"].items():
+        for mode, entry in results.items():
+            speed = f"{entry['tok_s']:.1f}" if "tok_s" in entry else f"<{entry['tok_s_below']:.1f}"
+            print(f"{dtype_name:<9} {mode:<28} {speed:>11} {entry['peak_rss_gib']:>12.2f}")
+        for name, value in report["ratios"].get(dtype_name, {}).items():
+            print(f"{dtype_name:<9} mobilemoe training speed-up {name}: {value:.2f}x")
+    chart = os.path.splitext(out)[0] + ".png"
+    panels = {
+        f"train step {dtype_name}": {mode: entry["tok_s"] for mode, entry in results.items() if "tok_s" in entry}
+        for dtype_name, results in report["results"].items()
+    }
+    bar_chart(chart, f"MobileMoE-{args.size} training step ({args.batch}x{args.seq_len} tokens), {args.threads} threads", panels, "tokens / s")
+    print(f"wrote {out} and {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

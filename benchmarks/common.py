@@ -1,0 +1,220 @@
+"""Shared pieces of the benchmarks: the models compared, timing, peak-RSS sampling, memory bandwidth, output files.
+
+Models are built from configs with random weights (nothing is downloaded):
+- `mobilemoe`: this package's MobileMoE at a preset's shape;
+- `qwen2moe`: transformers' `Qwen2MoeForCausalLM` at the same shape (60 experts, top-4, shared expert 4x wider);
+- `dense-pro`: a dense `LlamaForCausalLM` shaped like MobileLLM-Pro (1.08B: 30 layers, hidden 1280, 20/4 heads,
+  FFN 6144, vocab 202048, tied), the paper's on-device baseline.
+`--layers N` shortens every model in proportion (dense: round(30 * N / MoE layers)).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers.integrations.moe import ExpertsInterface
+
+from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM
+from modeling_mobilemoe.configuration_mobilemoe import DEFAULT_ROPE_PARAMETERS
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRO_LAYERS = 30
+
+
+def mobilemoe_config(size: str, layers: int | None) -> MobileMoEConfig:
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    return MobileMoEConfig.from_preset(size, **overrides)
+
+
+def build_mobilemoe(size: str, layers: int | None, dtype: torch.dtype, experts: str | None = None):
+    config = mobilemoe_config(size, layers)
+    return MobileMoEForCausalLM._from_config(config, dtype=dtype, experts_implementation=experts).eval()
+
+
+def build_qwen2moe(size: str, layers: int | None, dtype: torch.dtype, experts: str):
+    moe = mobilemoe_config(size, layers)
+    config = Qwen2MoeConfig(
+        vocab_size=moe.vocab_size,
+        hidden_size=moe.hidden_size,
+        num_hidden_layers=moe.num_hidden_layers,
+        num_attention_heads=moe.num_attention_heads,
+        num_key_value_heads=moe.num_key_value_heads,
+        moe_intermediate_size=moe.intermediate_size,
+        shared_expert_intermediate_size=moe.intermediate_size_mlp,
+        intermediate_size=moe.intermediate_size_mlp,
+        num_experts=moe.num_local_experts,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        norm_topk_prob=True,
+        qkv_bias=False,
+        tie_word_embeddings=True,
+        max_position_embeddings=moe.max_position_embeddings,
+        rope_parameters=dict(moe.rope_parameters),
+    )
+    return Qwen2MoeForCausalLM._from_config(config, dtype=dtype, experts_implementation=experts).eval()
+
+
+def build_dense_pro(size: str, layers: int | None, dtype: torch.dtype, experts: str | None = None):
+    moe_layers = mobilemoe_config(size, None).num_hidden_layers
+    num_layers = PRO_LAYERS if layers is None else max(1, round(PRO_LAYERS * layers / moe_layers))
+    config = LlamaConfig(
+        vocab_size=202048,
+        hidden_size=1280,
+        intermediate_size=6144,
+        num_hidden_layers=num_layers,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_parameters=dict(DEFAULT_ROPE_PARAMETERS),
+    )
+    return LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+
+
+def loop_all_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Baseline: a Python loop over all experts (how the released remote code runs its MoE layer)."""
+    output = torch.zeros_like(hidden_states)
+    for expert in range(self.num_experts):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
+        expert_out = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+        output.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(output.dtype))
+    return output
+
+
+ExpertsInterface.register("loop_all_experts", loop_all_experts_forward)
+
+# name -> (builder, experts implementation)
+MODES: dict[str, tuple[Callable, str | None]] = {
+    "mobilemoe": (build_mobilemoe, None),
+    "mobilemoe-eager": (build_mobilemoe, "eager"),
+    "mobilemoe-grouped_mm": (build_mobilemoe, "grouped_mm"),
+    "mobilemoe-loop-all-experts": (build_mobilemoe, "loop_all_experts"),
+    "qwen2moe-eager": (build_qwen2moe, "eager"),
+    "qwen2moe-batched_mm": (build_qwen2moe, "batched_mm"),
+    "qwen2moe-grouped_mm": (build_qwen2moe, "grouped_mm"),
+    "dense-pro": (build_dense_pro, None),
+}
+
+
+def build(mode: str, size: str, layers: int | None, dtype: torch.dtype):
+    builder, experts = MODES[mode]
+    torch.manual_seed(0)
+    return builder(size, layers, dtype, experts) if experts else builder(size, layers, dtype)
+
+
+def free(*objects) -> None:
+    del objects
+    gc.collect()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a background thread; `peak` is the highest value seen (bytes)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def memory_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Copy bandwidth (STREAM convention: bytes read + bytes written per second) and read bandwidth (a sum over a
+    buffer far larger than the caches), in GB/s, with the benchmark's thread count."""
+    numel = megabytes * 2**20 // 4
+    source, target = torch.ones(numel), torch.empty(numel)
+    copy = min(median_seconds(lambda: target.copy_(source), repeats))
+    read = min(median_seconds(lambda: source.sum(), repeats))
+    return {"copy_gb_s": 2 * numel * 4 / copy / 1e9, "read_gb_s": numel * 4 / read / 1e9}
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_matmul": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "threads": threads,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def summarize(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+
+
+def bar_chart(path: str, title: str, panels: dict[str, dict[str, float]], ylabel: str) -> None:
+    """One panel per entry of `panels` ({panel: {mode: value}}), bars per mode, value labels on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axis, (panel, values) in zip(axes[0], panels.items()):
+        names = list(values)
+        colors = ["tab:green" if name == "mobilemoe" else "tab:gray" if "dense" in name else "tab:blue" for name in names]
+        bars = axis.bar(range(len(names)), [values[name] for name in names], color=colors)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+        axis.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(panel)
+        axis.set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
