@@ -83,16 +83,26 @@ def build_dense_pro(size: str, layers: int | None, dtype: torch.dtype, experts: 
 
 
 def loop_all_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Baseline: a Python loop over all experts (how the released remote code runs its MoE layer)."""
+    """Baseline: what the released remote code does, a Python loop over all experts with `x @ W[e]` on the released
+    `[E, in, out]` layout (kept in `published_gate_up`/`published_down`, see `build_mobilemoe_loop_all_experts`)."""
     output = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
         token_idx, slot = torch.where(top_k_index == expert)
         if token_idx.numel() == 0:
             continue
-        gate, up = torch.nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
-        expert_out = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+        gate, up = (hidden_states[token_idx] @ self.published_gate_up[expert]).chunk(2, dim=-1)
+        expert_out = (self.act_fn(gate) * up) @ self.published_down[expert]
         output.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(output.dtype))
     return output
+
+
+def build_mobilemoe_loop_all_experts(size: str, layers: int | None, dtype: torch.dtype, experts: str):
+    model = build_mobilemoe(size, layers, dtype, experts)
+    for block in model.moe_blocks():
+        experts_module = block.routed_experts
+        experts_module.published_gate_up = experts_module.gate_up_proj.detach().transpose(1, 2).contiguous()
+        experts_module.published_down = experts_module.down_proj.detach().transpose(1, 2).contiguous()
+    return model
 
 
 ExpertsInterface.register("loop_all_experts", loop_all_experts_forward)
@@ -102,7 +112,7 @@ MODES: dict[str, tuple[Callable, str | None]] = {
     "mobilemoe": (build_mobilemoe, None),
     "mobilemoe-eager": (build_mobilemoe, "eager"),
     "mobilemoe-grouped_mm": (build_mobilemoe, "grouped_mm"),
-    "mobilemoe-loop-all-experts": (build_mobilemoe, "loop_all_experts"),
+    "mobilemoe-loop-all-experts": (build_mobilemoe_loop_all_experts, "loop_all_experts"),
     "qwen2moe-eager": (build_qwen2moe, "eager"),
     "qwen2moe-batched_mm": (build_qwen2moe, "batched_mm"),
     "qwen2moe-grouped_mm": (build_qwen2moe, "grouped_mm"),

@@ -18,10 +18,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from .configuration_mobilemoe import PRESETS, MobileMoEConfig
 
-    names = [args.preset] if args.preset else list(PRESETS)
-    configs = {name: MobileMoEConfig.from_preset(name) for name in names}
     if args.config:
         configs = {args.config: MobileMoEConfig.from_pretrained(args.config)}
+    else:
+        configs = {name: MobileMoEConfig.from_preset(name) for name in ([args.preset] if args.preset else PRESETS)}
     print(f"{'model':<10} {'layers':>6} {'hidden':>6} {'experts':>9} {'active':>10} {'total':>10} {'GFLOP/tok@1k':>12} {'INT4 GiB':>9}")
     for name, config in configs.items():
         print(
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError) as error:
         parser.error(f"{args.command}: {error}")  # exits with status 2
 
 

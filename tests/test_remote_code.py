@@ -2,19 +2,16 @@
 as a Hub user without it would load it."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import torch
 
+from isolation import run_without_package
 from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM
 
 
 LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import sys
-    sys.modules["modeling_mobilemoe"] = None  # `import modeling_mobilemoe` now raises ImportError
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,15 +41,7 @@ def test_saved_folder_loads_as_remote_code_without_the_package(tmp_path):
     input_ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     torch.save(input_ids, tmp_path / "input_ids.pt")
 
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_package(LOAD_WITHOUT_PACKAGE, str(tmp_path), cwd=tmp_path)
     assert result.stdout.split() == ["MobileMoEConfig", "MobileMoEForCausalLM"]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt"), model(input_ids).logits)

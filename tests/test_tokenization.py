@@ -5,12 +5,11 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from isolation import run_without_package
 from modeling_mobilemoe.tokenization_mobilemoe import (
     CHAT_TEMPLATE,
     EOT_TOKEN,
@@ -282,8 +281,7 @@ def test_loads_a_llama3_layout_where_special_tokens_are_only_added_tokens(tokeni
 
 LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import json, sys
-    sys.modules["modeling_mobilemoe"] = None  # `import modeling_mobilemoe` now raises ImportError
+    import json
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -304,15 +302,7 @@ def test_auto_tokenizer_loads_as_remote_code_without_the_package(tokenizer, tmp_
     folder = tmp_path / "repo"
     shutil.copytree(shipped_tokenizer_path(), folder)
     shutil.copy(os.path.join(os.path.dirname(RESOURCES_DIR), "tokenization_mobilemoe.py"), folder)
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder), json.dumps(CONVERSATION)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_package(LOAD_WITHOUT_PACKAGE, str(folder), json.dumps(CONVERSATION), cwd=tmp_path)
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     local = tokenizer.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
     assert remote == {

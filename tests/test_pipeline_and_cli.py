@@ -1,0 +1,59 @@
+"""The user-facing paths: Auto classes + pipeline on a saved folder, the `mobilemoe` CLI and its demo."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoETokenizer
+from modeling_mobilemoe.tokenizer_training import shipped_tokenizer_path
+
+
+def test_pipeline_chat_on_a_saved_folder(tmp_path):
+    torch.manual_seed(0)
+    MobileMoEForCausalLM(MobileMoEConfig.from_preset("tiny", num_hidden_layers=2)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(shipped_tokenizer_path()).save_pretrained(tmp_path)
+    assert (tmp_path / "tokenization_mobilemoe.py").exists()  # tokenizer remote code travels too
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tokenizer, MobileMoETokenizer) and isinstance(model, MobileMoEForCausalLM)
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "What is two plus three?"}]
+    out = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert out[:-1] == messages and out[-1]["role"] == "assistant"
+
+    # The pipeline's reply is exactly greedy decoding after the chat template's generation prompt.
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert out[-1]["content"] == tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_mobilemoe.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = _cli("demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max |logit diff| = 0.0e+00" in result.stdout
+    assert "[chat]      assistant" in result.stdout
+    config = json.loads((tmp_path / "demo" / "model" / "config.json").read_text())
+    assert config["model_type"] == "mobilemoe" and "auto_map" in config
+
+
+def test_info_reports_the_paper_counts(tmp_path):
+    result = _cli("info", "--preset", "S", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "272.5M" in result.stdout and "1263.4M" in result.stdout
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    result = _cli("info", "--config", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "missing" in result.stderr
