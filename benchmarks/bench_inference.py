@@ -7,8 +7,12 @@ experts, and a dense MobileLLM-Pro-shaped Llama, side by side in one process, ba
 - prefill: one forward over `--prefill-tokens` tokens with `use_cache=True, logits_to_keep=1` (what `generate` does);
 - decode: one-token forwards against a static KV cache holding `--context` tokens (filled with random keys/values,
   which cost the same to attend to as real ones), the cache cropped back after each step;
-- the median of `--repeats` runs after a warm-up; peak RSS sampled during each mode; memory bandwidth measured in the
-  same run, so the decode speed can be put against the bandwidth limit (active weight + KV bytes per token).
+- modes are measured round-robin (every model stays loaded; modes of one model switch its experts implementation),
+  so slow drifts of a shared machine hit all modes alike; the loop-over-all-experts baseline, which needs an extra
+  copy of the experts, runs after the rounds;
+- the median over all rounds; the RSS a mode adds while it runs (what its path materialises) and the RSS of the
+  loaded models; memory bandwidth measured in the same run, so decode speed can be put against the bandwidth limit
+  (active weight + KV bytes per token).
 A mode projected to take longer than `--budget-seconds` for one prefill is reported as too slow, not run.
 """
 
@@ -29,10 +33,12 @@ from common import (  # noqa: E402
     PeakRSS,
     bar_chart,
     build,
+    drop_published_layout_copies,
     free,
     machine_info,
     median_seconds,
     memory_bandwidth,
+    select,
     summarize,
     write_json,
 )
@@ -53,34 +59,26 @@ def random_cache(model, context: int) -> StaticCache:
     return cache
 
 
-def measure_prefill(model, tokens: int, repeats: int, budget: float) -> dict:
+def prefill_runner(model, tokens: int):
     input_ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
 
-    def run(ids):
+    def run(length: int = tokens):
         with torch.no_grad():
-            model(ids, use_cache=True, logits_to_keep=1)
+            model(input_ids[:, :length], use_cache=True, logits_to_keep=1)
 
-    probe = min(median_seconds(lambda: run(input_ids[:, :PROBE_TOKENS]), repeats=2))
-    projected = probe * tokens / PROBE_TOKENS
-    if projected > budget:
-        return {"status": "too slow", "projected_s": projected, "tok_s_below": tokens / projected}
-    times = median_seconds(lambda: run(input_ids), repeats, warmup=0)
-    result = summarize(times)
-    return {"status": "ok", **result, "tok_s": tokens / result["median_s"]}
+    return run
 
 
-def measure_decode(model, context: int, steps: int) -> dict:
+def decode_runner(model, context: int):
     cache = random_cache(model, context)
-    token = torch.tensor([[1]])
-    position_ids = torch.tensor([[context]])
+    token, position_ids = torch.tensor([[1]]), torch.tensor([[context]])
 
     def step():
         with torch.no_grad():
             model(token, cache=cache, position_ids=position_ids, use_cache=True)
         cache.crop(-1)  # back to `context` tokens
 
-    result = summarize(median_seconds(step, steps, warmup=2))
-    return {"status": "ok", **result, "tok_s": 1.0 / result["median_s"]}
+    return step
 
 
 def active_bytes_per_token(model, context: int) -> dict:
@@ -113,24 +111,85 @@ def check_against_eager(model) -> float:
     return (fast - reference).abs().max().item()
 
 
-def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
-    with PeakRSS() as rss:
-        model = build(mode, args.size, args.layers, dtype)
-        result = {"parameters": model.num_parameters(), "bytes_per_token": active_bytes_per_token(model, args.context)}
-        if mode.startswith("mobilemoe"):
-            result["max_abs_diff_vs_eager"] = check_against_eager(model)
-        result["decode"] = measure_decode(model, args.context, args.decode_steps)
-        estimated_gather = 4 * args.prefill_tokens * model.config.hidden_size * model.config.hidden_size * 3 // 2
-        if mode.endswith("batched_mm") and estimated_gather * dtype.itemsize > args.gather_limit_gb * 1e9:
-            result["prefill"] = {
-                "status": "skipped",
-                "reason": f"batched_mm gathers one weight copy per (token, expert) slot: ~{estimated_gather * dtype.itemsize / 1e9:.0f} GB per layer",
-            }
-        else:
-            result["prefill"] = measure_prefill(model, args.prefill_tokens, args.repeats, args.budget_seconds)
-        free(model)
-    result["peak_rss_gib"] = rss.peak / 2**30
-    return result
+class ModeRecorder:
+    """Timings and the extra RSS of one mode, accumulated over rounds."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {"decode": [], "prefill": []}
+        self.extra_rss: dict[str, int] = {"decode": 0, "prefill": 0}
+
+    def measure(self, phase: str, fn, repeats: int, warmup: int) -> None:
+        base = PeakRSS._rss()
+        with PeakRSS() as rss:
+            self.times[phase] += median_seconds(fn, repeats, warmup=warmup)
+        self.extra_rss[phase] = max(self.extra_rss[phase], rss.peak - base)
+
+    def result(self, phase: str, tokens_per_run: int) -> dict:
+        times = self.times[phase]
+        summary = summarize(times)
+        return {"status": "ok", **summary, "tok_s": tokens_per_run / summary["median_s"], "extra_rss_gib": self.extra_rss[phase] / 2**30}
+
+
+def run_dtype(args, dtype: torch.dtype) -> dict:
+    families = sorted({MODES[mode][0] for mode in args.modes})
+    with PeakRSS() as loading:
+        models = {family: build(next(m for m in args.modes if MODES[m][0] == family), args.size, args.layers, dtype) for family in families}
+    results = {mode: {} for mode in args.modes}
+    recorders = {mode: ModeRecorder() for mode in args.modes}
+    decoders = {family: decode_runner(model, args.context) for family, model in models.items()}
+    prefills = {family: prefill_runner(model, args.prefill_tokens) for family, model in models.items()}
+    interleaved = [mode for mode in args.modes if mode != "mobilemoe-loop-all-experts"]
+
+    for mode in args.modes:
+        family = MODES[mode][0]
+        model = models[family]
+        select(model, mode)
+        results[mode]["parameters"] = model.num_parameters()
+        results[mode]["bytes_per_token"] = active_bytes_per_token(model, args.context)
+        if family == "mobilemoe":
+            results[mode]["max_abs_diff_vs_eager"] = check_against_eager(model)
+        results[mode]["prefill"] = prefill_plan(mode, model, prefills[family], args, dtype)
+        if mode == "mobilemoe-loop-all-experts":
+            drop_published_layout_copies(model)
+
+    for round_index in range(args.rounds):
+        for mode in interleaved:
+            family = MODES[mode][0]
+            select(models[family], mode)
+            recorders[mode].measure("decode", decoders[family], args.decode_steps, warmup=2)
+            if results[mode]["prefill"]["status"] == "pending":
+                recorders[mode].measure("prefill", prefills[family], 1, warmup=0)
+        print(f"    round {round_index + 1}/{args.rounds} done", flush=True)
+    for family in [family for family in models if family != "mobilemoe"]:  # room for the baseline's expert copies
+        del models[family], decoders[family], prefills[family]
+    free()
+    if "mobilemoe-loop-all-experts" in args.modes:
+        mode = "mobilemoe-loop-all-experts"
+        select(models["mobilemoe"], mode)
+        recorders[mode].measure("decode", decoders["mobilemoe"], args.decode_steps, warmup=2)
+        if results[mode]["prefill"]["status"] == "pending":
+            recorders[mode].measure("prefill", prefills["mobilemoe"], 1, warmup=0)  # far behind: one run tells
+        drop_published_layout_copies(models["mobilemoe"])
+
+    for mode in args.modes:
+        results[mode]["decode"] = recorders[mode].result("decode", 1)
+        if results[mode]["prefill"]["status"] == "pending":
+            results[mode]["prefill"] = recorders[mode].result("prefill", args.prefill_tokens)
+    return {"modes": results, "models_rss_gib": loading.peak / 2**30}
+
+
+def prefill_plan(mode: str, model, run, args, dtype: torch.dtype) -> dict:
+    """'pending' when the mode's prefill will be measured; otherwise why not (too slow, or would not fit)."""
+    if mode.endswith("batched_mm"):
+        gathered = args.prefill_tokens * model.config.num_experts_per_tok * 3 * model.config.hidden_size
+        gathered *= model.config.moe_intermediate_size * dtype.itemsize
+        if gathered > args.gather_limit_gb * 1e9:
+            return {"status": "skipped", "reason": f"batched_mm gathers one expert weight copy per (token, expert) slot: ~{gathered / 1e9:.0f} GB per layer"}
+    probe = min(median_seconds(lambda: run(PROBE_TOKENS), repeats=2))
+    projected = probe * args.prefill_tokens / PROBE_TOKENS
+    if projected > args.budget_seconds:
+        return {"status": "too slow", "projected_s": projected, "tok_s_below": args.prefill_tokens / projected}
+    return {"status": "pending", "projected_s": projected}
 
 
 def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
@@ -162,8 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--context", type=int, default=1024, help="KV cache length for decode")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
-    parser.add_argument("--decode-steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="prefill runs (median reported)")
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (one prefill per mode and round)")
     parser.add_argument("--budget-seconds", type=float, default=240.0, help="skip a prefill projected to take longer")
     parser.add_argument("--gather-limit-gb", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -186,21 +245,15 @@ def main(argv=None) -> int:
     bandwidth = report["memory_bandwidth"]
     print(f"machine: {report['machine']}\nmemory bandwidth: {bandwidth}")
     for dtype_name in args.dtypes:
-        results = report["results"][dtype_name] = {}
-        for mode in args.modes:
-            print(f"[{dtype_name}] {mode} ...", flush=True)
-            results[mode] = entry = run_mode(mode, args, DTYPES[dtype_name])
+        print(f"[{dtype_name}] {', '.join(args.modes)}", flush=True)
+        measured = run_dtype(args, DTYPES[dtype_name])
+        free()
+        results = report["results"][dtype_name] = measured["modes"]
+        report.setdefault("models_rss_gib", {})[dtype_name] = measured["models_rss_gib"]
+        for entry in results.values():
             moved = entry["bytes_per_token"]["weights"] + entry["bytes_per_token"]["kv_cache"]
             entry["decode"]["fraction_of_read_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["read_gb_s"] * 1e9)
             entry["decode"]["fraction_of_copy_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["copy_gb_s"] * 1e9)
-            prefill = entry["prefill"]
-            prefill_text = f"{prefill['tok_s']:.1f} tok/s" if "tok_s" in prefill else prefill["status"]
-            print(
-                f"    decode {entry['decode']['tok_s']:.2f} tok/s ({entry['decode']['fraction_of_read_bandwidth']:.0%} of read "
-                f"bandwidth), prefill {prefill_text}, peak RSS {entry['peak_rss_gib']:.2f} GiB",
-                flush=True,
-            )
-            write_json(out, report)
         report["ratios"][dtype_name] = {phase: ratios(results, phase) for phase in ("decode", "prefill")}
         write_json(out, report)
 
@@ -219,14 +272,15 @@ def main(argv=None) -> int:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'dtype':<9} {'mode':<28} {'decode tok/s':>12} {'% read BW':>9} {'prefill tok/s':>13} {'peak RSS GiB':>12}")
+    print(f"\n{'dtype':<9} {'mode':<28} {'decode tok/s':>12} {'% read BW':>9} {'prefill tok/s':>13} {'+RSS GiB':>8}")
     for dtype_name, results in report["results"].items():
         for mode, entry in results.items():
             prefill = entry["prefill"]
             prefill_text = f"{prefill['tok_s']:.1f}" if "tok_s" in prefill else f"<{prefill['tok_s_below']:.1f}" if "tok_s_below" in prefill else "-"
+            extra = max(entry["decode"]["extra_rss_gib"], prefill.get("extra_rss_gib", 0.0))
             print(
                 f"{dtype_name:<9} {mode:<28} {entry['decode']['tok_s']:>12.2f} "
-                f"{entry['decode']['fraction_of_read_bandwidth']:>9.0%} {prefill_text:>13} {entry['peak_rss_gib']:>12.2f}"
+                f"{entry['decode']['fraction_of_read_bandwidth']:>9.0%} {prefill_text:>13} {extra:>8.2f}"
             )
         for phase, values in report["ratios"].get(dtype_name, {}).items():
             print(f"{dtype_name:<9} mobilemoe {phase} speed-up: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))

@@ -37,12 +37,11 @@ def mobilemoe_config(size: str, layers: int | None) -> MobileMoEConfig:
     return MobileMoEConfig.from_preset(size, **overrides)
 
 
-def build_mobilemoe(size: str, layers: int | None, dtype: torch.dtype, experts: str | None = None):
-    config = mobilemoe_config(size, layers)
-    return MobileMoEForCausalLM._from_config(config, dtype=dtype, experts_implementation=experts).eval()
+def build_mobilemoe(size: str, layers: int | None, dtype: torch.dtype):
+    return MobileMoEForCausalLM._from_config(mobilemoe_config(size, layers), dtype=dtype).eval()
 
 
-def build_qwen2moe(size: str, layers: int | None, dtype: torch.dtype, experts: str):
+def build_qwen2moe(size: str, layers: int | None, dtype: torch.dtype):
     moe = mobilemoe_config(size, layers)
     config = Qwen2MoeConfig(
         vocab_size=moe.vocab_size,
@@ -61,10 +60,10 @@ def build_qwen2moe(size: str, layers: int | None, dtype: torch.dtype, experts: s
         max_position_embeddings=moe.max_position_embeddings,
         rope_parameters=dict(moe.rope_parameters),
     )
-    return Qwen2MoeForCausalLM._from_config(config, dtype=dtype, experts_implementation=experts).eval()
+    return Qwen2MoeForCausalLM._from_config(config, dtype=dtype).eval()
 
 
-def build_dense_pro(size: str, layers: int | None, dtype: torch.dtype, experts: str | None = None):
+def build_dense_pro(size: str, layers: int | None, dtype: torch.dtype):
     moe_layers = mobilemoe_config(size, None).num_hidden_layers
     num_layers = PRO_LAYERS if layers is None else max(1, round(PRO_LAYERS * layers / moe_layers))
     config = LlamaConfig(
@@ -84,7 +83,7 @@ def build_dense_pro(size: str, layers: int | None, dtype: torch.dtype, experts: 
 
 def loop_all_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Baseline: what the released remote code does, a Python loop over all experts with `x @ W[e]` on the released
-    `[E, in, out]` layout (kept in `published_gate_up`/`published_down`, see `build_mobilemoe_loop_all_experts`)."""
+    `[E, in, out]` layout (kept in `published_gate_up`/`published_down`, see `add_published_layout_copies`)."""
     output = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
         token_idx, slot = torch.where(top_k_index == expert)
@@ -96,34 +95,53 @@ def loop_all_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return output
 
 
-def build_mobilemoe_loop_all_experts(size: str, layers: int | None, dtype: torch.dtype, experts: str):
-    model = build_mobilemoe(size, layers, dtype, experts)
+def add_published_layout_copies(model) -> None:
+    """Give each experts module the released `[E, in, out]` tensors the loop-over-all-experts baseline reads."""
     for block in model.moe_blocks():
-        experts_module = block.routed_experts
-        experts_module.published_gate_up = experts_module.gate_up_proj.detach().transpose(1, 2).contiguous()
-        experts_module.published_down = experts_module.down_proj.detach().transpose(1, 2).contiguous()
-    return model
+        experts = block.routed_experts
+        experts.published_gate_up = experts.gate_up_proj.detach().transpose(1, 2).contiguous()
+        experts.published_down = experts.down_proj.detach().transpose(1, 2).contiguous()
+
+
+def drop_published_layout_copies(model) -> None:
+    for block in model.moe_blocks():
+        del block.routed_experts.published_gate_up, block.routed_experts.published_down
+    gc.collect()
 
 
 ExpertsInterface.register("loop_all_experts", loop_all_experts_forward)
 
-# name -> (builder, experts implementation)
-MODES: dict[str, tuple[Callable, str | None]] = {
-    "mobilemoe": (build_mobilemoe, None),
-    "mobilemoe-eager": (build_mobilemoe, "eager"),
-    "mobilemoe-grouped_mm": (build_mobilemoe, "grouped_mm"),
-    "mobilemoe-loop-all-experts": (build_mobilemoe_loop_all_experts, "loop_all_experts"),
-    "qwen2moe-eager": (build_qwen2moe, "eager"),
-    "qwen2moe-batched_mm": (build_qwen2moe, "batched_mm"),
-    "qwen2moe-grouped_mm": (build_qwen2moe, "grouped_mm"),
-    "dense-pro": (build_dense_pro, None),
+FAMILIES: dict[str, Callable] = {"mobilemoe": build_mobilemoe, "qwen2moe": build_qwen2moe, "dense-pro": build_dense_pro}
+# mode -> (model family, experts implementation; None: the model's default)
+MODES: dict[str, tuple[str, str | None]] = {
+    "mobilemoe": ("mobilemoe", None),
+    "mobilemoe-eager": ("mobilemoe", "eager"),
+    "mobilemoe-grouped_mm": ("mobilemoe", "grouped_mm"),
+    "mobilemoe-loop-all-experts": ("mobilemoe", "loop_all_experts"),
+    "qwen2moe-eager": ("qwen2moe", "eager"),
+    "qwen2moe-batched_mm": ("qwen2moe", "batched_mm"),
+    "qwen2moe-grouped_mm": ("qwen2moe", "grouped_mm"),
+    "dense-pro": ("dense-pro", None),
 }
 
 
 def build(mode: str, size: str, layers: int | None, dtype: torch.dtype):
-    builder, experts = MODES[mode]
+    """The model of `mode`'s family, switched to the mode's experts implementation."""
+    family, experts = MODES[mode]
     torch.manual_seed(0)
-    return builder(size, layers, dtype, experts) if experts else builder(size, layers, dtype)
+    model = FAMILIES[family](size, layers, dtype)
+    select(model, mode)
+    return model
+
+
+def select(model, mode: str) -> None:
+    """Switch a family's model to `mode` (its experts implementation; the baseline's extra tensors if needed)."""
+    family, experts = MODES[mode]
+    if family == "dense-pro":
+        return
+    if experts == "loop_all_experts" and not hasattr(model.moe_blocks()[0].routed_experts, "published_gate_up"):
+        add_published_layout_copies(model)
+    model.set_experts_implementation(experts or ("sorted_mm" if family == "mobilemoe" else "grouped_mm"))
 
 
 def free(*objects) -> None:
@@ -150,6 +168,10 @@ class PeakRSS:
         self.peak = 0
         self._stop = threading.Event()
         self._process = psutil.Process()
+
+    @staticmethod
+    def _rss() -> int:
+        return psutil.Process().memory_info().rss
 
     def __enter__(self) -> PeakRSS:
         self.peak = self._process.memory_info().rss

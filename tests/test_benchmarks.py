@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end (shortened) and write what the README quotes from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+def test_inference_benchmark_smoke(tmp_path):
+    out = tmp_path / "inference.json"
+    command = [
+        sys.executable, str(BENCHMARKS / "bench_inference.py"), "--layers", "1", "--prefill-tokens", "64",
+        "--context", "64", "--rounds", "1", "--decode-steps", "1", "--dtypes", "float32",
+        "--modes", "mobilemoe", "mobilemoe-loop-all-experts", "qwen2moe-batched_mm", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    modes = report["results"]["float32"]
+    assert modes["mobilemoe"]["decode"]["tok_s"] > 0 and modes["mobilemoe"]["prefill"]["tok_s"] > 0
+    # Every MoE path of the package agrees with the eager reference, the baseline included.
+    assert modes["mobilemoe"]["max_abs_diff_vs_eager"] < 1e-4
+    assert modes["mobilemoe-loop-all-experts"]["max_abs_diff_vs_eager"] < 1e-4
+    assert "vs_loop_all_experts" in report["ratios"]["float32"]["decode"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+    table = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), str(out)], capture_output=True, text=True)
+    assert table.returncode == 0 and "| float32 | **mobilemoe** |" in table.stdout
+
+
+@pytest.mark.slow
+def test_training_benchmark_smoke(tmp_path):
+    out = tmp_path / "training.json"
+    command = [
+        sys.executable, str(BENCHMARKS / "bench_training.py"), "--layers", "1", "--batch", "1", "--seq-len", "32",
+        "--repeats", "1", "--modes", "mobilemoe", "qwen2moe-grouped_mm", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["results"]["float32"]["mobilemoe"]["tok_s"] > 0
+    assert "vs_best_qwen2moe" in report["ratios"]["float32"]
