@@ -31,14 +31,15 @@ from common import (  # noqa: E402
     DTYPES,
     MODES,
     PeakRSS,
+    add_common_arguments,
     bar_chart,
     build,
     drop_published_layout_copies,
     free,
-    machine_info,
     median_seconds,
     memory_bandwidth,
     select,
+    start_report,
     summarize,
     write_json,
 )
@@ -215,9 +216,7 @@ def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="S", choices=["S", "M", "L"])
-    parser.add_argument("--layers", type=int, help="shorten every model to this many MoE layers (dense in proportion)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    add_common_arguments(parser, default_dtypes=["float32", "bfloat16"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--context", type=int, default=1024, help="KV cache length for decode")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
@@ -225,23 +224,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (one prefill per mode and round)")
     parser.add_argument("--budget-seconds", type=float, default=240.0, help="skip a prefill projected to take longer")
     parser.add_argument("--gather-limit-gb", type=float, default=4.0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/inference_<size>.json)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    suffix = f"{args.size}" + (f"_{args.layers}layers" if args.layers else "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"inference_{suffix}.json")
-    report = {
-        "benchmark": "inference",
-        "size": args.size,
-        "layers": args.layers,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "machine": machine_info(args.threads),
-        "memory_bandwidth": memory_bandwidth(),
-        "results": {},
-        "ratios": {},
-    }
+    out, report = start_report("inference", args)
+    report["memory_bandwidth"] = memory_bandwidth()
     bandwidth = report["memory_bandwidth"]
     print(f"machine: {report['machine']}\nmemory bandwidth: {bandwidth}")
     for dtype_name in args.dtypes:

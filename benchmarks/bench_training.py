@@ -18,7 +18,19 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, MODES, PeakRSS, bar_chart, build, free, machine_info, median_seconds, summarize, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES,
+    MODES,
+    PeakRSS,
+    add_common_arguments,
+    bar_chart,
+    build,
+    free,
+    median_seconds,
+    start_report,
+    summarize,
+    write_json,
+)
 
 
 PROBE_TOKENS = 128
@@ -54,29 +66,15 @@ def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="S", choices=["S", "M", "L"])
-    parser.add_argument("--layers", type=int, help="shorten every model to this many MoE layers (dense in proportion)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    add_common_arguments(parser, default_dtypes=["float32"])
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-seconds", type=float, default=300.0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_<size>.json)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    suffix = f"{args.size}" + (f"_{args.layers}layers" if args.layers else "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"training_{suffix}.json")
-    report = {
-        "benchmark": "training",
-        "size": args.size,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": machine_info(args.threads),
-        "results": {},
-        "ratios": {},
-    }
+    out, report = start_report("training", args)
     for dtype_name in args.dtypes:
         results = report["results"][dtype_name] = {}
         for mode in args.modes:

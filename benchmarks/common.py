@@ -219,6 +219,32 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def add_common_arguments(parser, default_dtypes: list[str]) -> None:
+    """The options every benchmark takes: shape, length, dtypes, threads, output path."""
+    parser.add_argument("--size", default="S", choices=["S", "M", "L"])
+    parser.add_argument("--layers", type=int, help="shorten every model to this many MoE layers (dense in proportion)")
+    parser.add_argument("--dtypes", nargs="+", default=default_dtypes, choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<benchmark>_<size>.json)")
+
+
+def start_report(benchmark: str, args) -> tuple[str, dict]:
+    """Pins the thread count; returns the JSON path and the report header (settings and machine)."""
+    torch.set_num_threads(args.threads)
+    suffix = f"{args.size}" + (f"_{args.layers}layers" if args.layers else "")
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{benchmark}_{suffix}.json")
+    report = {
+        "benchmark": benchmark,
+        "size": args.size,
+        "layers": args.layers,
+        "settings": {key: value for key, value in vars(args).items() if key != "out"},
+        "machine": machine_info(args.threads),
+        "results": {},
+        "ratios": {},
+    }
+    return args.out or default, report
+
+
 def summarize(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
 
