@@ -19,6 +19,7 @@ A mode projected to take longer than `--budget-seconds` for one prefill is repor
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -35,7 +36,6 @@ from common import (  # noqa: E402
     bar_chart,
     build,
     drop_published_layout_copies,
-    free,
     median_seconds,
     memory_bandwidth,
     select,
@@ -120,10 +120,9 @@ class ModeRecorder:
         self.extra_rss: dict[str, int] = {"decode": 0, "prefill": 0}
 
     def measure(self, phase: str, fn, repeats: int, warmup: int) -> None:
-        base = PeakRSS._rss()
         with PeakRSS() as rss:
             self.times[phase] += median_seconds(fn, repeats, warmup=warmup)
-        self.extra_rss[phase] = max(self.extra_rss[phase], rss.peak - base)
+        self.extra_rss[phase] = max(self.extra_rss[phase], rss.peak - rss.start)
 
     def result(self, phase: str, tokens_per_run: int) -> dict:
         times = self.times[phase]
@@ -163,7 +162,7 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
         print(f"    round {round_index + 1}/{args.rounds} done", flush=True)
     for family in [family for family in models if family != "mobilemoe"]:  # room for the baseline's expert copies
         del models[family], decoders[family], prefills[family]
-    free()
+    gc.collect()
     if "mobilemoe-loop-all-experts" in args.modes:
         mode = "mobilemoe-loop-all-experts"
         select(models["mobilemoe"], mode)
@@ -233,7 +232,7 @@ def main(argv=None) -> int:
     for dtype_name in args.dtypes:
         print(f"[{dtype_name}] {', '.join(args.modes)}", flush=True)
         measured = run_dtype(args, DTYPES[dtype_name])
-        free()
+        gc.collect()  # this dtype's models go before the next dtype's are built
         results = report["results"][dtype_name] = measured["modes"]
         report.setdefault("models_rss_gib", {})[dtype_name] = measured["models_rss_gib"]
         for entry in results.values():

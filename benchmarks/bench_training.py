@@ -11,6 +11,7 @@ The median of `--repeats` steps after a warm-up step; peak RSS sampled during ea
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -25,7 +26,6 @@ from common import (  # noqa: E402
     add_common_arguments,
     bar_chart,
     build,
-    free,
     median_seconds,
     start_report,
     summarize,
@@ -59,7 +59,8 @@ def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
             step_summary = summarize(median_seconds(training_step(model, input_ids), args.repeats, warmup=1))
             result = {"status": "ok", **step_summary, "tok_s": input_ids.numel() / step_summary["median_s"]}
         result["parameters"] = model.num_parameters()
-        free(model)
+        del model
+        gc.collect()
     result["peak_rss_gib"] = rss.peak / 2**30
     return result
 

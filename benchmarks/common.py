@@ -144,11 +144,6 @@ def select(model, mode: str) -> None:
     model.set_experts_implementation(experts or ("sorted_mm" if family == "mobilemoe" else "grouped_mm"))
 
 
-def free(*objects) -> None:
-    del objects
-    gc.collect()
-
-
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -161,20 +156,17 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> l
 
 
 class PeakRSS:
-    """Samples this process's resident set size in a background thread; `peak` is the highest value seen (bytes)."""
+    """Samples this process's resident set size in a background thread: `start` on entry, `peak` the highest value
+    seen (bytes)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
-        self.peak = 0
+        self.start = self.peak = 0
         self._stop = threading.Event()
         self._process = psutil.Process()
 
-    @staticmethod
-    def _rss() -> int:
-        return psutil.Process().memory_info().rss
-
     def __enter__(self) -> PeakRSS:
-        self.peak = self._process.memory_info().rss
+        self.start = self.peak = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
