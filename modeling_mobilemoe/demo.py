@@ -1,49 +1,100 @@
-"""`mobilemoe demo`: the package end to end on the bundled tiny model, offline, in seconds on a CPU."""
+"""`mobilemoe demo`: the whole pipeline on the tiny preset and bundled data, offline, in minutes on a CPU.
+
+tokenizer (trained on the bundled corpus) -> pretraining (256-token context) -> mid-training (1024) -> SFT (chat,
+assistant-only loss) -> a loss-curve plot -> a chat through `pipeline("text-generation")`. Each stage is the tiny
+recipe in `recipes/tiny/` run by the same runner as `mobilemoe train`; each prints its held-out metric before and
+after training.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from .configuration_mobilemoe import MobileMoEConfig
-from .modeling_mobilemoe import MobileMoEForCausalLM
-from .tokenizer_training import shipped_tokenizer_path
+from .tokenizer_training import shipped_corpus_files, train_tokenizer
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RECIPES = os.path.join(REPOSITORY, "recipes", "tiny")
+STAGES = ("pretrain", "midtrain", "sft")
+CHAT_PROMPTS = ("What sound does a cow make?", "How many legs does a spider have?", "What day comes after Monday?")
 
 
-def run_demo(output_dir: str = "outputs/demo", seed: int = 0, max_new_tokens: int = 24) -> dict:
-    """Build the tiny preset with the shipped tokenizer, save it, reload it through the Auto classes, check the
-    reload is exact, and chat with it through `pipeline("text-generation")`. Returns a summary dict."""
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    model_dir = os.path.join(output_dir, "model")
+def plot_losses(stage_dirs: dict[str, str], path: str) -> None:
+    """Training loss of every stage on one step axis, a dashed line where each stage starts, written to `path`."""
+    import matplotlib
 
-    tokenizer = AutoTokenizer.from_pretrained(shipped_tokenizer_path())
-    config = MobileMoEConfig.from_preset("tiny")
-    model = MobileMoEForCausalLM(config).eval()
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    print(
-        f"[model]     tiny MobileMoE: {config.num_hidden_layers} layers, {config.num_local_experts} experts "
-        f"(top-{config.num_experts_per_tok}) + shared, {config.num_active_parameters() / 1e6:.2f}M active / "
-        f"{config.num_parameters() / 1e6:.2f}M total -> {model_dir}"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    offset = 0
+    for stage, folder in stage_dirs.items():
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as file:
+            state = json.load(file)
+        points = [(entry["step"] + offset, entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+        axis.plot(*zip(*points), marker=".", label=stage)
+        axis.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
+        offset += state["global_step"]
+    axis.set(xlabel="optimizer step (stages in sequence)", ylabel="training loss", title="MobileMoE tiny: training")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def chat(model_dir: str, prompts: tuple[str, ...] = CHAT_PROMPTS, max_new_tokens: int = 24) -> list[dict[str, str]]:
+    """Greedy replies of the model in `model_dir` through the Auto classes and `pipeline("text-generation")`."""
+    generator = pipeline(
+        "text-generation",
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
     )
+    exchanges = []
+    for prompt in prompts:
+        output = generator([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, do_sample=False)
+        exchanges.append({"user": prompt, "assistant": output[0]["generated_text"][-1]["content"].strip()})
+    return exchanges
 
-    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    probe = reloaded_tokenizer("The cat sat on the mat.", return_tensors="pt")
-    with torch.no_grad():
-        max_diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
-    print(f"[reload]    AutoModelForCausalLM/AutoTokenizer from {model_dir}: max |logit diff| = {max_diff:.1e}")
 
-    generator = pipeline("text-generation", model=reloaded, tokenizer=reloaded_tokenizer)
-    messages = [{"role": "user", "content": "What is two plus three?"}]
-    reply = generator(messages, max_new_tokens=max_new_tokens, do_sample=False)[0]["generated_text"][-1]["content"]
-    print(f"[chat]      user: {messages[0]['content']}")
-    print(f"[chat]      assistant (random weights, so no sense yet): {reply!r}")
+def run_demo(output_dir: str = "outputs/demo", seed: int = 0, recipes_dir: str | None = None) -> dict[str, Any]:
+    """Runs the pipeline into `output_dir` and returns every stage's summary, the plot's path and the chat."""
+    from .training import parse_recipe, run_stage
+
+    start = time.perf_counter()
+    recipes_dir = recipes_dir or TINY_RECIPES
+    torch.manual_seed(seed)
+    if not os.path.isdir(recipes_dir):
+        raise FileNotFoundError(
+            f"recipes_dir: no tiny recipes at {recipes_dir} (run the demo from a source checkout)."
+        )
+
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    tokenizer = train_tokenizer(shipped_corpus_files(), vocab_size=2048, output_dir=tokenizer_dir)
+    print(f"[tokenizer] byte-level BPE, {len(tokenizer)} ids, trained on the bundled corpus -> {tokenizer_dir}")
+
+    summaries, stage_dirs, previous = {}, {}, None
+    for stage in STAGES:
+        stage_dirs[stage] = os.path.join(output_dir, stage)
+        overrides = [f"output_dir={stage_dirs[stage]}", f"seed={seed}", "resume_from_checkpoint=null"]
+        overrides.append(
+            f"tokenizer_name_or_path={tokenizer_dir}" if previous is None else f"model_name_or_path={previous}"
+        )
+        summaries[stage] = run_stage(parse_recipe(os.path.join(recipes_dir, stage, "config.yaml"), overrides))
+        previous = stage_dirs[stage]
+
+    plot_path = os.path.join(output_dir, "loss_curve.png")
+    plot_losses(stage_dirs, plot_path)
+    print(f"[plot]      training loss of every stage -> {plot_path}")
+
+    exchanges = chat(previous)
+    for exchange in exchanges:
+        print(f"[chat]      user: {exchange['user']}\n[chat]      assistant: {exchange['assistant']}")
 
     elapsed = time.perf_counter() - start
-    print(f"[done]      {elapsed:.1f}s")
-    return {"model_dir": model_dir, "max_reload_diff": max_diff, "reply": reply, "seconds": elapsed}
+    print(f"[done]      {elapsed:.0f}s; the chat model is in {previous}")
+    return {"stages": summaries, "loss_curve": plot_path, "chat": exchanges, "model_dir": previous, "seconds": elapsed}

@@ -384,6 +384,15 @@ def _keep_float32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch
     return apply
 
 
+def _accept_published_experts_layout(module, state_dict, prefix, *args) -> None:
+    """Lets `load_state_dict` take what `save_pretrained` writes (`experts.* [E, in, out]`), as `Trainer` does when it
+    resumes from a checkpoint, not only what `state_dict()` returns."""
+    for name in ("gate_up_proj", "down_proj"):
+        published = f"{prefix}experts.{name}"
+        if published in state_dict:
+            state_dict[f"{prefix}routed_experts.{name}"] = state_dict.pop(published).transpose(1, 2)
+
+
 class MobileMoESparseMoeBlock(nn.Module):
     """`y = sum_j w_j * expert_{e_j}(x) + shared_expert(x)`: routed experts plus an ungated shared expert."""
 
@@ -396,6 +405,7 @@ class MobileMoESparseMoeBlock(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_local_experts, dtype=torch.float32))
         # Tokens routed to each expert while training since training code last zeroed it (the bias update's input).
         self.register_buffer("expert_load", torch.zeros(config.num_local_experts, dtype=torch.float32), persistent=False)
+        self.register_load_state_dict_pre_hook(_accept_published_experts_layout)
 
     def _apply(self, fn, recurse=True):
         # Routing is specified in FP32: dtype casts such as `model.to(torch.bfloat16)` skip the router and the bias.

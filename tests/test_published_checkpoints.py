@@ -93,6 +93,21 @@ def test_experts_are_kept_in_linear_layout(published):
     torch.testing.assert_close(experts.down_proj, published_tensors[prefix + "down_proj"].transpose(1, 2))
 
 
+def test_load_state_dict_accepts_the_saved_layout(published, tmp_path):
+    """`Trainer` resumes by `load_state_dict` on the file `save_pretrained` wrote (published expert layout)."""
+    _, bf16_dir, _ = published
+    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert any(".feed_forward.experts.gate_up_proj" in key for key in saved)
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    result = fresh.load_state_dict(saved, strict=False)
+    tied = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+    assert result.missing_keys == tied and not result.unexpected_keys
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_int4_loads_in_bf16_with_fp32_router(published):
     config, _, int4_dir = published
     model = AutoModelForCausalLM.from_pretrained(int4_dir, dtype=torch.bfloat16)
