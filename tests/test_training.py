@@ -97,6 +97,23 @@ def test_mixture_draws_from_every_source_by_weight(tmp_path):
     assert 0.65 < first.count("a") / len(first) < 0.85
 
 
+def test_streamed_sources_pack_like_loaded_ones(tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text(
+        "".join(f'{{"text": "first source, document {i}.", "n": {i}}}\n' for i in range(50))
+    )
+    (tmp_path / "b.txt").write_text("".join(f"second source, line {i}.\n" for i in range(50)))
+    first = [{"path": str(tmp_path / "a.jsonl")}]  # its extra column `n` is dropped
+    streamed = list(pack_documents(load_mixture(first, ["text"], streaming=True), tokenizer, 32).take(5))
+    loaded = pack_documents(load_mixture(first, ["text"]), tokenizer, 32)
+    assert [block["input_ids"] for block in streamed] == loaded[:5]["input_ids"]
+    assert set(streamed[0]) == {"input_ids", "position_ids", "labels"}
+
+    both = first + [{"path": str(tmp_path / "b.txt")}]
+    blocks = pack_documents(load_mixture(both, ["text"], streaming=True), tokenizer, 32).take(20)
+    text = tokenizer.decode([token for block in blocks for token in block["input_ids"]])
+    assert "first source" in text and "second source" in text
+
+
 def test_unknown_source_keys_and_formats_fail_clearly(tmp_path):
     (tmp_path / "data.xml").write_text("<a/>")
     with pytest.raises(ValueError, match="format"):

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from modeling_mobilemoe import MobileMoEConfig
 
@@ -74,11 +75,25 @@ def test_a_run_killed_mid_way_resumes_on_the_same_loss_trajectory(tmp_path):
         assert continued[step] == pytest.approx(reference[step], abs=1e-4), (step, reference, continued)
 
 
-def test_stages_hand_off_pretrain_midtrain_sft(tmp_path):
+def test_stages_hand_off_pretrain_midtrain_sft_and_lora(tmp_path):
     pretrain, midtrain, sft = tmp_path / "pretrain", tmp_path / "midtrain", tmp_path / "sft"
     run(train_command("pretrain", *QUICK, "max_steps=2", f"output_dir={pretrain}"))
     run(train_command("midtrain", *QUICK, "max_steps=2", f"model_name_or_path={pretrain}", f"output_dir={midtrain}"))
     run(train_command("sft", *QUICK, "max_steps=2", f"model_name_or_path={midtrain}", f"output_dir={sft}"))
+
+    lora = tmp_path / "sft-lora"
+    peft_config = (
+        "peft_config={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj],"
+        " target_parameters: [feed_forward.routed_experts.gate_up_proj, feed_forward.routed_experts.down_proj]}"
+    )
+    run(
+        train_command(
+            "sft", *QUICK, "max_steps=2", f"model_name_or_path={midtrain}", f"output_dir={lora}", peft_config
+        )
+    )
+    adapter = load_file(lora / "adapter_model.safetensors")
+    assert any("routed_experts" in name for name in adapter) and any("q_proj" in name for name in adapter)
+    assert not (lora / "model.safetensors").exists()  # only the adapters are trained and saved
 
     contexts = [
         MobileMoEConfig.from_pretrained(folder).max_position_embeddings for folder in (pretrain, midtrain, sft)

@@ -95,36 +95,26 @@ def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Dataset | None]:
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, train, heldout) -> Trainer:
-    callbacks = [ExpertBalancingCallback()]
     peft_config = None
     if recipe.model.peft_config:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**recipe.model.peft_config)
+    arguments = {
+        "args": recipe.training,
+        "train_dataset": train,
+        "eval_dataset": heldout,
+        "processing_class": tokenizer,
+        "callbacks": [ExpertBalancingCallback()],
+    }
     if recipe.stage.stage == "sft":
         recipe.training.max_length = recipe.data.max_seq_length
-        return _sft_trainer_class()(
-            model=model,
-            args=recipe.training,
-            train_dataset=train,
-            eval_dataset=heldout,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        return _sft_trainer_class()(model=model, peft_config=peft_config, **arguments)
     if peft_config is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    return MobileMoETrainer(
-        model=model,
-        args=recipe.training,
-        train_dataset=train,
-        eval_dataset=heldout,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    return MobileMoETrainer(model=model, data_collator=default_data_collator, **arguments)
 
 
 def heldout_metrics(recipe: Recipe, trainer: Trainer, tokenizer, heldout, boundary: int | None) -> dict[str, Any]:

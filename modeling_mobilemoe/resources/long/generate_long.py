@@ -27,7 +27,6 @@ reference has its source within about 1,000 tokens.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -38,20 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS_DIR = os.path.join(os.path.dirname(HERE), "corpus")
 
 
-def load_corpus_module():
-    """`../corpus/generate_corpus.py` as a module (its word lists and templates), without writing `__pycache__`."""
-    path = os.path.join(CORPUS_DIR, "generate_corpus.py")
-    spec = importlib.util.spec_from_file_location("mobilemoe_generate_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = dont_write_bytecode
-    return module
+sys.dont_write_bytecode = True  # importing the corpus generator must not leave __pycache__ in the shipped resources
+sys.path.insert(0, CORPUS_DIR)
+import generate_corpus as C  # noqa: E402  (its word lists, fact tables and templates)
 
 
-C = load_corpus_module()
 words, cap, with_article = C.words, C.cap, C.with_article
 
 MIN_GAP, MAX_FILLER_GAP = 700, 2800  # characters of filler between two references

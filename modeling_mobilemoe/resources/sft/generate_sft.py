@@ -26,7 +26,6 @@ stated in the shipped corpus files (`../corpus/*.txt`), so a model can only answ
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import random
@@ -39,21 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS_DIR = os.path.join(os.path.dirname(HERE), "corpus")
 
 
-def load_corpus_module():
-    """`../corpus/generate_corpus.py` as a module (its word lists and fact tables), without writing `__pycache__`."""
-    spec = importlib.util.spec_from_file_location(
-        "mobilemoe_generate_corpus", os.path.join(CORPUS_DIR, "generate_corpus.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = dont_write_bytecode
-    return module
+sys.dont_write_bytecode = True  # importing the corpus generator must not leave __pycache__ in the shipped resources
+sys.path.insert(0, CORPUS_DIR)
+import generate_corpus as C  # noqa: E402  (its word lists, fact tables and templates)
 
 
-C = load_corpus_module()
 words, cap, with_article = C.words, C.cap, C.with_article
 
 N_TRAIN = 3000
