@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .configuration_mobilemoe import MobileMoEConfig
 from .modeling_mobilemoe import MobileMoEForCausalLM, MobileMoEModel, MobileMoEPreTrainedModel
+from .quantization import MobileMoEQATConfig  # registers the `mobilemoe_qat` quantization config and quantizer
 from .tokenization_mobilemoe import MobileMoETokenizer
 
 
@@ -31,5 +32,6 @@ __all__ = [
     "MobileMoEForCausalLM",
     "MobileMoEModel",
     "MobileMoEPreTrainedModel",
+    "MobileMoEQATConfig",
     "MobileMoETokenizer",
 ]

@@ -1,7 +1,8 @@
 """`mobilemoe demo`: the whole pipeline on the tiny preset and bundled data, offline, in minutes on a CPU.
 
 tokenizer (trained on the bundled corpus) -> pretraining (256-token context) -> mid-training (1024) -> SFT (chat,
-assistant-only loss) -> a loss-curve plot -> a chat through `pipeline("text-generation")`. Each stage is the tiny
+assistant-only loss) -> QAT (INT4 weights, INT8 activations; saved in the packed INT4 format) -> a loss-curve plot ->
+a chat with the INT4 model through `pipeline("text-generation")`. Each stage is the tiny
 recipe in `recipes/tiny/` run by the same runner as `mobilemoe train`; each prints its held-out metric before and
 after training.
 """
@@ -20,7 +21,7 @@ from .tokenizer_training import shipped_corpus_files, train_tokenizer
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RECIPES = os.path.join(REPOSITORY, "recipes", "tiny")
-STAGES = ("pretrain", "midtrain", "sft")
+STAGES = ("pretrain", "midtrain", "sft", "qat")
 CHAT_PROMPTS = ("What sound does a cow make?", "How many legs does a spider have?", "What day comes after Monday?")
 
 
@@ -96,5 +97,5 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, recipes_dir: str |
         print(f"[chat]      user: {exchange['user']}\n[chat]      assistant: {exchange['assistant']}")
 
     elapsed = time.perf_counter() - start
-    print(f"[done]      {elapsed:.0f}s; the chat model is in {previous}")
+    print(f"[done]      {elapsed:.0f}s; the INT4 chat model is in {previous}")
     return {"stages": summaries, "loss_curve": plot_path, "chat": exchanges, "model_dir": previous, "seconds": elapsed}

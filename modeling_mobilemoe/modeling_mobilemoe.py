@@ -297,8 +297,9 @@ class MobileMoEExperts(nn.Module):
         for expert_idx in expert_hit:
             expert_idx = expert_idx[0]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            rows = _quantize_activations(self, hidden_states[token_idx])
+            gate, up = F.linear(rows, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(_quantize_activations(self, self.act_fn(gate) * up), self.down_proj[expert_idx])
             expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
         return final_hidden_states
@@ -319,12 +320,19 @@ def _half_matmul_is_slow(dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
+def _quantize_activations(module: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """Quantization-aware training installs `activation_fake_quantizer` on the experts (INT8 activations into every
+    expert matmul); without it this is the identity."""
+    quantizer = getattr(module, "activation_fake_quantizer", None)
+    return activations if quantizer is None else quantizer(activations)
+
+
 def _expert_swiglu(module: nn.Module, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One expert on its rows: `down(silu(gate) * up)`."""
     if rows.shape[0] >= _UPCAST_MIN_ROWS and rows.device.type == "cpu" and _half_matmul_is_slow(rows.dtype):
         return _expert_swiglu(module, rows.float(), gate_up.float(), down.float()).to(rows.dtype)
-    gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)
-    return F.linear(module.act_fn(gate) * up, down)
+    gate, up = F.linear(_quantize_activations(module, rows), gate_up).chunk(2, dim=-1)
+    return F.linear(_quantize_activations(module, module.act_fn(gate) * up), down)
 
 
 def sorted_mm_experts_forward(
@@ -336,7 +344,9 @@ def sorted_mm_experts_forward(
     """
     num_tokens, hidden_dim = hidden_states.shape
     num_slots = top_k_index.numel()
-    if torch.compiler.is_compiling() or hidden_states.device.type != "cpu":
+    # transformers' kernels know nothing of QAT's activation fake-quantizer: with one installed, stay on this path.
+    quantized = getattr(self, "activation_fake_quantizer", None) is not None
+    if (torch.compiler.is_compiling() or hidden_states.device.type != "cpu") and not quantized:
         fallback = "batched_mm" if num_slots <= _BATCHED_MM_MAX_SLOTS else "grouped_mm"
         return ALL_EXPERTS_FUNCTIONS[fallback](self, hidden_states, top_k_index, top_k_weights)
 
@@ -785,7 +795,10 @@ class MobileMoEDequantizeInt4(ConversionOps):
         if missing:
             raise ValueError(f"{full_layer_name}: packed INT4 checkpoint lacks {missing} ({INT4_FORMAT}).")
         qweight, scale = (tensors[pattern] for pattern in source_patterns)
-        dtype = model.get_parameter(full_layer_name).dtype if model is not None else torch.float32
+        dtype = torch.float32
+        if model is not None:  # the parameter itself: QAT wrappers may read it through a property
+            module_name, _, name = full_layer_name.rpartition(".")
+            dtype = model.get_submodule(module_name)._parameters[name].dtype
         return {target_patterns[0]: dequantize_int4(qweight, scale, dtype)}
 
 

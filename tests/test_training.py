@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, TrainingArguments
 
-from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM
+from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoEQATConfig
 from modeling_mobilemoe.tokenizer_training import shipped_tokenizer_path
 from modeling_mobilemoe.training import pack_documents, parse_recipe, router_health, update_expert_bias
 from modeling_mobilemoe.training.balancing import moe_blocks
@@ -61,6 +61,8 @@ def test_overrides_reach_scalars_and_nested_mappings():
         (["dtype=float16"], "dtype"),
         (["datasets=[]"], "datasets"),
         (["eval_fraction=1.5"], "eval_fraction"),
+        (["trainer=deepspeed"], "trainer"),
+        (["quantization_config={weight_bits: 4}"], "quantization_config: QAT starts from a trained checkpoint"),
     ],
 )
 def test_bad_recipe_values_fail_naming_the_field(overrides, message):
@@ -75,12 +77,13 @@ def test_bad_recipe_values_fail_naming_the_field(overrides, message):
 )
 def test_every_shipped_recipe_parses(path):
     overrides = ["bf16=false"]  # the GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only host
-    if "/qat/" in path:
-        pytest.xfail("the QAT stage's quantization_config arrives with the QAT issue")
     recipe = parse_recipe(path, overrides)
     assert recipe.stage.stage == os.path.basename(os.path.dirname(path))
     if recipe.model.model_name_or_path is None:
         assert recipe.model.preset is not None
+    if recipe.stage.stage == "qat":
+        quantization = MobileMoEQATConfig(**recipe.model.quantization_config)
+        assert (quantization.weight_bits, quantization.group_size, quantization.activation_bits) == (4, 32, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

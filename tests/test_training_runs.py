@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from modeling_mobilemoe import MobileMoEConfig
@@ -75,7 +76,7 @@ def test_a_run_killed_mid_way_resumes_on_the_same_loss_trajectory(tmp_path):
         assert continued[step] == pytest.approx(reference[step], abs=1e-4), (step, reference, continued)
 
 
-def test_stages_hand_off_pretrain_midtrain_sft_and_lora(tmp_path):
+def test_stages_hand_off_pretrain_midtrain_sft_qat_and_lora(tmp_path):
     pretrain, midtrain, sft = tmp_path / "pretrain", tmp_path / "midtrain", tmp_path / "sft"
     run(train_command("pretrain", *QUICK, "max_steps=2", f"output_dir={pretrain}"))
     run(train_command("midtrain", *QUICK, "max_steps=2", f"model_name_or_path={pretrain}", f"output_dir={midtrain}"))
@@ -94,6 +95,12 @@ def test_stages_hand_off_pretrain_midtrain_sft_and_lora(tmp_path):
     adapter = load_file(lora / "adapter_model.safetensors")
     assert any("routed_experts" in name for name in adapter) and any("q_proj" in name for name in adapter)
     assert not (lora / "model.safetensors").exists()  # only the adapters are trained and saved
+
+    qat = tmp_path / "qat"
+    run(train_command("qat", *QUICK, "max_steps=2", f"model_name_or_path={sft}", f"output_dir={qat}"))
+    packed = load_file(qat / "model.safetensors")
+    assert packed["model.embed_tokens.qweight"].dtype == torch.uint8
+    assert json.loads((qat / "config.json").read_text())["quantization"]["format"] == "mobilemoe-int4-g32"
 
     contexts = [
         MobileMoEConfig.from_pretrained(folder).max_position_embeddings for folder in (pretrain, midtrain, sft)

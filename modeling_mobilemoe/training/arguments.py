@@ -35,9 +35,25 @@ class StageArguments:
         },
     )
 
+    trainer: str | None = field(
+        default=None,
+        metadata={
+            "help": "`trainer` (transformers.Trainer on packed text) or `sft` (TRL SFTTrainer on chat messages); "
+            "default: `sft` for the SFT stage, `trainer` otherwise. QAT of a chat model can use `sft`."
+        },
+    )
+
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage: {self.stage!r} is not a training stage; choose one of {list(STAGES)}.")
+        self.trainer = self.trainer or ("sft" if self.stage == "sft" else "trainer")
+        if self.trainer not in ("trainer", "sft"):
+            raise ValueError(f"trainer: {self.trainer!r} is not `trainer` or `sft`.")
+
+    @property
+    def chat(self) -> bool:
+        """Whether the stage trains on chat messages with TRL's SFTTrainer."""
+        return self.trainer == "sft"
 
 
 @dataclass
@@ -65,6 +81,10 @@ class ModelArguments:
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 or bfloat16."})
     experts_implementation: str | None = field(default=None, metadata={"help": "Experts kernel; default: automatic."})
+    quantization_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "`MobileMoEQATConfig` fields: quantization-aware training of a checkpoint (the QAT stage)."},
+    )
     peft_config: dict[str, Any] | None = field(
         default=None, metadata={"help": "`peft.LoraConfig` fields; trains adapters instead of the full model."}
     )
@@ -72,6 +92,8 @@ class ModelArguments:
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.preset is None):
             raise ValueError("model_name_or_path / preset: give exactly one of them.")
+        if self.quantization_config is not None and self.preset is not None:
+            raise ValueError("quantization_config: QAT starts from a trained checkpoint; set model_name_or_path.")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: {self.dtype!r} is not supported for training; use float32 or bfloat16.")
 
@@ -112,8 +134,8 @@ class DataArguments:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}.")
 
 
-def training_arguments_class(stage: str) -> type[TrainingArguments]:
-    if stage == "sft":
+def training_arguments_class(stage: StageArguments) -> type[TrainingArguments]:
+    if stage.chat:
         from trl import SFTConfig
 
         return SFTConfig
@@ -177,8 +199,8 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     values = load_recipe_dict(path, overrides)
     if "stage" not in values:
         raise ValueError(f"{path}: the recipe must name its `stage` ({', '.join(STAGES)}).")
-    StageArguments(stage=values["stage"])  # validate before choosing the training arguments class
-    types_ = (StageArguments, ModelArguments, DataArguments, training_arguments_class(values["stage"]))
+    stage = StageArguments(stage=values["stage"], trainer=values.get("trainer"))  # picks the training arguments class
+    types_ = (StageArguments, ModelArguments, DataArguments, training_arguments_class(stage))
     for dataclass_type in types_:
         values.update(
             _coerce_scalars(dataclass_type, {k: v for k, v in values.items() if k in _field_names(dataclass_type)})

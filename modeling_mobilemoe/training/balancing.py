@@ -3,8 +3,8 @@
 Each MoE block counts, in training mode, how many tokens its router sent to each expert (`expert_load`). After every
 optimizer step `ExpertBalancingCallback` nudges the selection-only `expert_bias` towards balance with the spec's rule,
 `bias += rate * sign(mean_load - load)` (`rate = config.expert_bias_update_rate`), and zeroes the counts. The counts
-are summed over all processes first, so every rank applies the same update. Recomputation under gradient checkpointing counts every token
-twice, which the sign rule and the load ratios below don't see.
+are summed over all processes first, so every rank applies the same update. Recomputation under gradient
+checkpointing counts every token twice, which the sign rule and the load ratios below don't see.
 """
 
 from __future__ import annotations

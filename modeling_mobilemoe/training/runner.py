@@ -21,6 +21,7 @@ from transformers.trainer_utils import sort_checkpoints
 
 from ..configuration_mobilemoe import MobileMoEConfig
 from ..modeling_mobilemoe import MobileMoEForCausalLM
+from ..quantization import MobileMoEQATConfig
 from ..tokenizer_training import shipped_tokenizer_path
 from .arguments import Recipe, parse_recipe
 from .balancing import ExpertBalancingCallback, RouterMetricsMixin
@@ -46,8 +47,10 @@ def build_tokenizer(recipe: Recipe):
     return AutoTokenizer.from_pretrained(shipped_tokenizer_path() if name in (None, "bundled") else name)
 
 
-def build_model(recipe: Recipe, tokenizer, **from_pretrained_kwargs) -> MobileMoEForCausalLM:
-    """Random weights of a preset, or a checkpoint, with the recipe's config overrides, ready to train."""
+def build_model(recipe: Recipe, tokenizer, quantize: bool = True) -> MobileMoEForCausalLM:
+    """Random weights of a preset, or a checkpoint, with the recipe's config overrides (and QAT's fake quantization
+    unless `quantize=False`), ready to train."""
+    from_pretrained_kwargs = {}
     arguments = recipe.model
     dtype = getattr(torch, arguments.dtype)
     overrides = dict(arguments.model_config_overrides)
@@ -55,6 +58,8 @@ def build_model(recipe: Recipe, tokenizer, **from_pretrained_kwargs) -> MobileMo
         config = MobileMoEConfig.from_preset(arguments.preset, **overrides)
         model = MobileMoEForCausalLM._from_config(config, dtype=dtype)
     else:
+        if arguments.quantization_config is not None and quantize:
+            from_pretrained_kwargs["quantization_config"] = MobileMoEQATConfig(**arguments.quantization_config)
         model = AutoModelForCausalLM.from_pretrained(
             arguments.model_name_or_path, dtype=dtype, **overrides, **from_pretrained_kwargs
         )
@@ -72,7 +77,7 @@ def build_model(recipe: Recipe, tokenizer, **from_pretrained_kwargs) -> MobileMo
 def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Dataset | None]:
     """Train and held-out datasets: packed blocks for Trainer stages, chat messages for SFT."""
     data, seed = recipe.data, recipe.training.seed
-    columns = ["messages"] if recipe.stage.stage == "sft" else ["text"]
+    columns = ["messages"] if recipe.stage.chat else ["text"]
     train = load_mixture(data.datasets, columns, data.streaming, seed)
     if data.eval_datasets:
         heldout = load_mixture(data.eval_datasets, columns, seed=seed)
@@ -86,7 +91,7 @@ def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Dataset | None]:
         heldout = heldout.select(range(min(len(heldout), data.max_eval_documents)))
     else:
         heldout = None
-    if recipe.stage.stage == "sft":
+    if recipe.stage.chat:
         return train, heldout
     train = pack_documents(train, tokenizer, data.max_seq_length)
     if heldout is not None:
@@ -107,7 +112,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, heldout) -> Trainer:
         "processing_class": tokenizer,
         "callbacks": [ExpertBalancingCallback()],
     }
-    if recipe.stage.stage == "sft":
+    if recipe.stage.chat:
         recipe.training.max_length = recipe.data.max_seq_length
         return _sft_trainer_class()(model=model, peft_config=peft_config, **arguments)
     if peft_config is not None:
@@ -115,6 +120,27 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, heldout) -> Trainer:
 
         model = get_peft_model(model, peft_config)
     return MobileMoETrainer(model=model, data_collator=default_data_collator, **arguments)
+
+
+def quantization_metrics(recipe: Recipe, tokenizer, train, heldout) -> dict[str, Any]:
+    """QAT: held-out loss of the unquantized starting checkpoint, the reference that PTQ (the fake-quantized model
+    before training) and QAT (after) are measured against."""
+    if heldout is None:
+        return {}
+    unquantized = build_trainer(recipe, build_model(recipe, tokenizer, quantize=False), tokenizer, train, heldout)
+    return {"float_heldout_loss": unquantized.evaluate()["eval_loss"]}
+
+
+def _save_int4(trainer: Trainer, output_dir: str) -> dict[str, Any]:
+    """QAT's output: the trained model converted to the packed INT4 format, with its size next to the accounting."""
+    from ..quantization import convert_to_int4
+
+    model = convert_to_int4(trainer.model)
+    model.save_pretrained(output_dir)
+    saved = sum(
+        os.path.getsize(os.path.join(output_dir, f)) for f in os.listdir(output_dir) if f.endswith(".safetensors")
+    )
+    return {"int4_weight_bytes_predicted": model.config.int4_weight_bytes(), "saved_weights_bytes": saved}
 
 
 def heldout_metrics(recipe: Recipe, trainer: Trainer, tokenizer, heldout, boundary: int | None) -> dict[str, Any]:
@@ -126,7 +152,7 @@ def heldout_metrics(recipe: Recipe, trainer: Trainer, tokenizer, heldout, bounda
     stage = recipe.stage.stage
     if stage == "midtrain" and heldout is not None and boundary is not None:
         metrics.update(long_context_loss(trainer.model, heldout, boundary))
-    if stage == "sft" and recipe.data.chat_eval_dataset:
+    if recipe.stage.chat and recipe.data.chat_eval_dataset:
         examples = list(load_source(recipe.data.chat_eval_dataset))
         metrics.update(chat_accuracy(trainer.model, tokenizer, examples))
     return metrics
@@ -172,11 +198,17 @@ def run_stage(recipe: Recipe) -> dict[str, Any]:
     before = {}
     if recipe.stage.heldout_metric and resume is None:
         before = heldout_metrics(recipe, trainer, tokenizer, heldout, boundary)
+        if stage == "qat":
+            before.update(quantization_metrics(recipe, tokenizer, train, heldout))
     result = trainer.train(resume_from_checkpoint=resume)
     after = heldout_metrics(recipe, trainer, tokenizer, heldout, boundary) if recipe.stage.heldout_metric else {}
 
     trainer.model.config.use_cache = True
-    trainer.save_model(recipe.training.output_dir)
+    if stage == "qat":
+        after.update(_save_int4(trainer, recipe.training.output_dir))
+        tokenizer.save_pretrained(recipe.training.output_dir)
+    else:
+        trainer.save_model(recipe.training.output_dir)
     trainer.save_state()
     summary = {
         "stage": stage,
@@ -201,10 +233,16 @@ def summary_line(summary: dict[str, Any]) -> str:
     parts = [f"[{summary['stage']}] {summary['steps']} steps", f"train loss {summary['train_loss']:.3f}"]
     if summary["processes"] > 1:
         parts[0] += f" x {summary['processes']} processes"
-    for name, value in summary["after"].items():
+    before, after = summary["before"], summary["after"]
+    for name, value in after.items():
         if isinstance(value, float):
-            previous = summary["before"].get(name)
+            previous = before.get(name)
             parts.append(f"{name} {previous:.3f} -> {value:.3f}" if previous is not None else f"{name} {value:.3f}")
+        elif name.endswith("_bytes"):
+            parts.append(f"{name.removesuffix('_bytes')} {value / 2**20:.2f} MiB")
+    parts += [
+        f"{name} {value:.3f}" for name, value in before.items() if isinstance(value, float) and name not in after
+    ]
     parts.append(f"{summary['seconds']:.0f}s -> {summary['output_dir']}")
     return ", ".join(parts)
 
