@@ -165,3 +165,26 @@ def test_convert_is_idempotent_and_needs_a_qat_model(base_dir, inputs):
 def test_weight_only_qat_keeps_activations_float(base_dir, inputs):
     model = qat_model(base_dir, activation_bits=None)
     assert all(getattr(m, "activation_fake_quantizer", None) is None for m in model.modules())
+
+
+def test_bitsandbytes_4bit_loading_and_a_qlora_step(base_dir, inputs):
+    """QLoRA the usual way: bitsandbytes 4-bit linears (on CPU too), LoRA adapters from PEFT, one optimizer step."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.moe_blocks()[0].router.weight.dtype == torch.float32
+    model = get_peft_model(
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    before = model(inputs, labels=inputs).loss
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert model(inputs, labels=inputs).loss < before
