@@ -1,8 +1,10 @@
 """Stage runners: a recipe in, a trained checkpoint and a summary out.
 
-Pretraining, mid-training and QAT run on `transformers.Trainer` over packed documents; SFT runs on TRL's
-`SFTTrainer` over chat messages (assistant-only loss, packing). Everything distributed (DDP, FSDP2, DeepSpeed) comes
-from `accelerate launch` around the same entry point, as for any `Trainer` script.
+Pretraining, mid-training and QAT run on `transformers.Trainer` over packed documents; SFT (and any stage with
+`trainer: sft`, such as QAT of a chat model) runs on TRL's `SFTTrainer` over chat messages (assistant-only loss,
+packing). QAT loads its checkpoint with a `MobileMoEQATConfig` and ends by saving the converted, packed INT4 model.
+Everything distributed (DDP, FSDP2, DeepSpeed) comes from `accelerate launch` around the same entry point, as for any
+`Trainer` script.
 """
 
 from __future__ import annotations
