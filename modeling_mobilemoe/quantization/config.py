@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -55,15 +54,3 @@ class MobileMoEQATConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name}: must be a positive even number of values per scale, got {value!r}.")
         if self.activation_bits not in (8, None):
             raise ValueError(f"activation_bits: 8 (INT8 dynamic per token) or None, got {self.activation_bits!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": self.quant_method,
-            "weight_bits": self.weight_bits,
-            "group_size": self.group_size,
-            "embedding_bits": self.embedding_bits,
-            "embedding_group_size": self.embedding_group_size,
-            "activation_bits": self.activation_bits,
-            "modules_to_not_convert": list(self.modules_to_not_convert),
-            "converted": self.converted,
-        }

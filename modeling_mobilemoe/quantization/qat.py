@@ -120,7 +120,6 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The converted model's state dict in the published packed layout: `X.qweight`/`X.weight_scale` for linears and
     the embedding, `feed_forward.experts.{gate_up,down}_{qweight,scale}` (`[E, in, out]`) for experts, the rest as
     it is."""
-    config = model.config.quantization_config
     tied_head = model.get_output_embeddings() if model.config.tie_word_embeddings else None
     state_dict = dict(model.state_dict())
     for name, module in model.named_modules():
@@ -136,7 +135,7 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             published_prefix = prefix.replace(".routed_experts.", ".experts.")
             for short in ("gate_up", "down"):
                 weight = state_dict.pop(f"{prefix}{short}_proj").transpose(1, 2)  # [E, in, out]
-                q, scale = quantize_int4(weight, config.group_size)
+                q, scale = quantize_int4(weight, module.weight_fake_quantizer.group_size)
                 state_dict[f"{published_prefix}{short}_qweight"] = pack_int4(q).contiguous()
                 state_dict[f"{published_prefix}{short}_scale"] = scale.contiguous()
     return state_dict

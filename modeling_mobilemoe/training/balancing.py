@@ -51,12 +51,6 @@ def router_health(loads: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _unwrapped_config(model: torch.nn.Module):
-    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP-style wrappers
-        model = model.module
-    return model.config
-
-
 class ExpertBalancingCallback(TrainerCallback):
     """Updates `expert_bias` after each optimizer step and keeps the loads seen since the last log.
 
@@ -76,7 +70,7 @@ class ExpertBalancingCallback(TrainerCallback):
         blocks = moe_blocks(model)
         if not blocks:
             return
-        loads = update_expert_bias(blocks, _unwrapped_config(model).expert_bias_update_rate).cpu()
+        loads = update_expert_bias(blocks, model.config.expert_bias_update_rate).cpu()
         self._window = loads if self._window is None else self._window + loads
         self._total = loads if self._total is None else self._total + loads
 

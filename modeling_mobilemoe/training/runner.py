@@ -52,7 +52,6 @@ def build_tokenizer(recipe: Recipe):
 def build_model(recipe: Recipe, tokenizer, quantize: bool = True) -> MobileMoEForCausalLM:
     """Random weights of a preset, or a checkpoint, with the recipe's config overrides (and QAT's fake quantization
     unless `quantize=False`), ready to train."""
-    from_pretrained_kwargs = {}
     arguments = recipe.model
     dtype = getattr(torch, arguments.dtype)
     overrides = dict(arguments.model_config_overrides)
@@ -61,10 +60,8 @@ def build_model(recipe: Recipe, tokenizer, quantize: bool = True) -> MobileMoEFo
         model = MobileMoEForCausalLM._from_config(config, dtype=dtype)
     else:
         if arguments.quantization_config is not None and quantize:
-            from_pretrained_kwargs["quantization_config"] = MobileMoEQATConfig(**arguments.quantization_config)
-        model = AutoModelForCausalLM.from_pretrained(
-            arguments.model_name_or_path, dtype=dtype, **overrides, **from_pretrained_kwargs
-        )
+            overrides["quantization_config"] = MobileMoEQATConfig(**arguments.quantization_config)
+        model = AutoModelForCausalLM.from_pretrained(arguments.model_name_or_path, dtype=dtype, **overrides)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
