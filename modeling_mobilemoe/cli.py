@@ -42,6 +42,52 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_count(text: str) -> float:
+    """`300M`, `1.2B`, `5e8`: a parameter count."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1:].upper(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 300M, 1.2B or 5e8") from None
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .scaling import GB, plan
+
+    candidates = plan(
+        args.memory_gb,
+        int4=args.int4,
+        max_active_parameters=args.active_params,
+        context_length=args.context,
+        vocab_size=args.vocab,
+        top=args.top,
+    )
+    weights = "INT4" if args.int4 else "bf16"
+    print(
+        f"budget {args.memory_gb} GB ({weights} weights + bf16 KV cache at {args.context} tokens)"
+        + (f", <= {args.active_params / 1e6:.0f}M active parameters" if args.active_params else "")
+    )
+    print(
+        f"{'#':>2} {'shape':<15} {'layers':>6} {'hidden':>6} {'experts':>8} {'active':>8} {'total':>8} "
+        f"{'weights':>8} {'KV':>6} {'GFLOP/tok':>9} {'pred. loss':>10}"
+    )
+    for rank, candidate in enumerate(candidates, 1):
+        config = candidate.config
+        experts = f"{candidate.shape.top_k}/{candidate.shape.num_experts}" if not candidate.shape.is_dense else "-"
+        print(
+            f"{rank:>2} {candidate.shape.name:<15} {config.num_hidden_layers:>6} {config.hidden_size:>6} {experts:>8} "
+            f"{candidate.active_parameters / 1e6:>7.0f}M {candidate.total_parameters / 1e6:>7.0f}M "
+            f"{candidate.weight_bytes / GB:>7.3f}G {candidate.kv_cache_bytes / GB:>5.3f}G "
+            f"{candidate.flops_per_token / 1e9:>9.3f} {candidate.loss:>10.4f}"
+        )
+    for rank, candidate in enumerate(candidates[: args.configs], 1):
+        print(f"\n# {rank}: {candidate.shape.name}, MobileMoEConfig JSON (MobileMoEConfig(**json) or config.json)")
+        print(json.dumps(candidate.config_dict(), indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobilemoe", description="MobileMoE for Hugging Face Transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", choices=["S", "M", "L", "tiny"], help="one preset (default: all)")
     info.add_argument("--config", help="a model folder or config.json to account for instead")
     info.set_defaults(func=_run_info)
+
+    plan = subparsers.add_parser(
+        "plan",
+        help="the best MoE shapes (E, g, shared expert, top-k, depth, width) for a memory / compute budget",
+        description="Enumerates MobileMoE shapes that fit the budget and ranks them by the loss model of "
+        "modeling_mobilemoe.scaling (Chinchilla form with MoE terms calibrated to the paper's findings).",
+    )
+    plan.add_argument("--memory-gb", type=float, required=True, help="weights + KV cache budget, GB = 2^30 bytes")
+    plan.add_argument("--int4", action="store_true", help="count weights in the packed INT4 format (default: bf16)")
+    plan.add_argument("--active-params", type=_parse_count, help="most active parameters per token, e.g. 300M")
+    plan.add_argument(
+        "--context", type=int, default=8192, help="tokens of bf16 KV cache counted in the budget (0: weights only)"
+    )
+    plan.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default: the Llama-3 tokenizer)")
+    plan.add_argument("--top", type=int, default=5, help="shapes to list")
+    plan.add_argument("--configs", type=int, default=3, help="of those, how many to print as config JSON")
+    plan.set_defaults(func=_run_plan)
 
     add_tokenizer_subcommand(subparsers)
     return parser
