@@ -88,6 +88,30 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_model, greedy_with_pytorch, load_runner, reference_model
+
+    options = {"quantize": args.quantize, "max_seq_len": args.max_seq_len}
+    if args.max_batch is not None:
+        options["max_batch"] = args.max_batch
+    path = export_model(args.model, args.out, format=args.format, target=args.target, **options)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if args.check_tokens:
+        import torch
+
+        runner = load_runner(args.out)
+        reference = reference_model(args.model, args.quantize)
+        prompt = torch.arange(8)[None] % reference.config.vocab_size
+        exported = runner.generate(prompt, args.check_tokens)
+        expected = greedy_with_pytorch(reference, prompt, args.check_tokens)
+        same = int((exported.sequences == expected.sequences).all(dim=0).sum()) - prompt.shape[1]
+        print(
+            f"check: {same}/{args.check_tokens} greedy tokens as PyTorch, max |logit diff| "
+            f"{(exported.logits - expected.logits).abs().max():.2e}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobilemoe", description="MobileMoE for Hugging Face Transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=int, default=5, help="shapes to list")
     plan.add_argument("--configs", type=int, default=3, help="of those, how many to print as config JSON")
     plan.set_defaults(func=_run_plan)
+
+    export = subparsers.add_parser("export", help="export a model folder to ExecuTorch (.pte) or ONNX")
+    export.add_argument("--format", required=True, choices=["executorch", "onnx"])
+    export.add_argument("--model", required=True, help="a model folder (bf16, packed INT4 or QAT checkpoints)")
+    export.add_argument("--out", required=True, help="folder for the program, its tokenizer and configs")
+    export.add_argument(
+        "--quantize", default="none", choices=["none", "8da4w"],
+        help="8da4w: INT4 group-32 weights (the published format's), INT8 dynamic activations where the runtime has them",
+    )  # fmt: skip
+    export.add_argument("--max-seq-len", type=int, default=None, help="positions the export holds (default: the model's)")
+    export.add_argument("--max-batch", type=int, default=None, help="largest batch (ExecuTorch: 1; ONNX default: 8)")
+    export.add_argument(
+        "--target", default=None,
+        help="ExecuTorch: xnnpack (default, runs on any CPU) or arm (fused llama::quantized_moe_ffn); ONNX: cpu",
+    )  # fmt: skip
+    export.add_argument(
+        "--check-tokens", type=int, default=0, metavar="N",
+        help="then run the export greedily for N tokens against PyTorch and print the agreement",
+    )  # fmt: skip
+    export.set_defaults(func=_run_export)
 
     add_tokenizer_subcommand(subparsers)
     return parser

@@ -382,6 +382,65 @@ def sorted_mm_experts_forward(
 ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
 
 
+def _selected_expert_weights(experts: nn.Module, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gate_up [N, 2I, H]` and `down [N, H, I]` of the listed experts only. Modules that store their experts
+    quantized (the exporters' packed INT4 experts) provide `gather_weights`, which dequantizes just these."""
+    gather = getattr(experts, "gather_weights", None)
+    if gather is not None:
+        return gather(expert_ids)
+    return experts.gate_up_proj[expert_ids], experts.down_proj[expert_ids]
+
+
+def _batched_swiglu(experts: nn.Module, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """`rows [N, M, H]`, each batch entry through its expert `expert_ids[n]`, as two batched matmuls."""
+    gate_up, down = _selected_expert_weights(experts, expert_ids)
+    gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(experts.act_fn(gate) * up, down.transpose(1, 2))
+
+
+def _tiled_experts(self, hidden_states, top_k_index, top_k_weights, tile_rows) -> torch.Tensor:
+    """Each expert's slots are packed into tiles of `tile_rows` rows (the last one padded), and
+    every tile runs through its expert's weights as one batch entry of two batched matmuls: a grouped GEMM written
+    with static-shaped ops. Experts without slots get no tile; at most `min(E, slots) * (tile_rows - 1)` padding rows."""
+    num_tokens, hidden_dim = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    num_slots = num_tokens * top_k
+    num_tiles = (num_slots + torch.sym_min(self.num_experts, num_slots) * (tile_rows - 1)) // tile_rows
+    expert_ids = top_k_index.reshape(-1)
+    slot_is_expert = F.one_hot(expert_ids, self.num_experts)  # (slots, E); one-hot cumsum ranks without a sort op
+    rank_in_expert = (slot_is_expert.cumsum(0) - 1).gather(1, expert_ids[:, None]).squeeze(1)
+    tiles_per_expert = (slot_is_expert.sum(0) + tile_rows - 1) // tile_rows
+    tile_end = tiles_per_expert.cumsum(0)
+    tile_in_expert = rank_in_expert // tile_rows
+    slot_tile = tile_end[expert_ids] - tiles_per_expert[expert_ids] + tile_in_expert
+    slot_row = rank_in_expert - tile_in_expert * tile_rows  # `%` by a symbolic size has no ONNX translation
+    # Tile t belongs to the first expert whose tiles end after t; tiles past the last used one repeat that expert.
+    ends = torch.zeros(num_tiles + 1, dtype=torch.long, device=expert_ids.device)
+    ends = ends.scatter_add(0, tile_end.clamp(max=num_tiles), torch.ones_like(tile_end))
+    tile_expert = ends.cumsum(0)[:num_tiles].clamp(max=self.num_experts - 1)
+    token_of_slot = torch.arange(num_slots, device=expert_ids.device) // top_k
+    rows = hidden_states.new_zeros(num_tiles, tile_rows, hidden_dim)
+    rows = rows.index_put((slot_tile, slot_row), hidden_states[token_of_slot])
+    expert_outputs = _batched_swiglu(self, rows, tile_expert)[slot_tile, slot_row].view(num_tokens, top_k, hidden_dim)
+    return (expert_outputs * top_k_weights.unsqueeze(-1).to(expert_outputs.dtype)).sum(dim=1)
+
+
+def tiled_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Sparse experts from static-shaped ops only, for `torch.export`, ONNX and ExecuTorch (which take neither
+    `sorted_mm`'s data-dependent loop nor transformers' `grouped_mm` fallback op): only the selected experts' weights
+    are read, and there are no per-slot weight copies at prefill. The tile height follows the number of (token,
+    expert) slots symbolically, so one exported graph serves decode (2-row tiles: one per selected expert) and
+    prefill (about two tiles per expert, at most 32 rows)."""
+    num_slots = top_k_index.shape[0] * top_k_index.shape[1]
+    tile_rows = torch.sym_max(2, torch.sym_min(32, num_slots // (2 * self.num_experts)))
+    return _tiled_experts(self, hidden_states, top_k_index, top_k_weights, tile_rows)
+
+
+ExpertsInterface.register("tiled_mm", tiled_mm_experts_forward)
+
+
 def _keep_float32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wraps an `nn.Module._apply` function so float32 tensors keep their dtype while still following device moves."""
 
@@ -767,9 +826,11 @@ class MobileMoEForCausalLM(MobileMoEPreTrainedModel, GenerationMixin):
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """uint8 `[..., n/2]` -> int8 `[..., n]`: two's-complement nibbles, low nibble first."""
-    packed = qweight.to(torch.uint8).to(torch.int16)
-    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    # Written with ops that exported programs run too (they dequantize gathered experts): int32, `// 16` rather than
+    # `>> 4` (ExecuTorch's portable kernels have no right shift), no `where` on small ints (ONNX Runtime has none).
+    packed = qweight.to(torch.uint8).to(torch.int32)
+    nibbles = torch.stack((packed & 0xF, packed // 16), dim=-1).flatten(-2)
+    return (nibbles - (nibbles >= 8).to(torch.int32) * 16).to(torch.int8)
 
 
 def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -134,7 +134,7 @@ def test_sdpa_matches_eager():
     torch.testing.assert_close(sdpa[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["sorted_mm", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("implementation", ["sorted_mm", "tiled_mm", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_implementations_agree_with_eager(implementation, dtype):
     model = make_model().to(dtype)
@@ -150,7 +150,7 @@ def test_experts_implementations_agree_with_eager(implementation, dtype):
     torch.testing.assert_close(other, eager, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sorted_mm", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("implementation", ["eager", "sorted_mm", "tiled_mm", "batched_mm", "grouped_mm"])
 def test_experts_edge_cases(implementation):
     """Ties in routing scores, one expert picked by every token, experts with no tokens."""
     model = make_model(experts_implementation=implementation)
