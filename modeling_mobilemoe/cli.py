@@ -92,15 +92,16 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import export_model, greedy_with_pytorch, load_runner, reference_model
 
     options = {"quantize": args.quantize, "max_seq_len": args.max_seq_len}
-    if args.max_batch is not None:
-        options["max_batch"] = args.max_batch
+    for name in ("max_batch", "experts"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     path = export_model(args.model, args.out, format=args.format, target=args.target, **options)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if args.check_tokens:
         import torch
 
         runner = load_runner(args.out)
-        reference = reference_model(args.model, args.quantize)
+        reference = reference_model(args.model, args.quantize, runner.export_config.experts)
         prompt = torch.arange(8)[None] % reference.config.vocab_size
         exported = runner.generate(prompt, args.check_tokens)
         expected = greedy_with_pytorch(reference, prompt, args.check_tokens)
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--target", default=None,
         help="ExecuTorch: xnnpack (default, runs on any CPU) or arm (fused llama::quantized_moe_ffn); ONNX: cpu",
+    )  # fmt: skip
+    export.add_argument(
+        "--experts", default=None, choices=["qmoe", "packed"],
+        help="ONNX INT4 experts: qmoe (ONNX Runtime's fused MoE op, default) or packed (the checkpoint's bytes as they are)",
     )  # fmt: skip
     export.add_argument(
         "--check-tokens", type=int, default=0, metavar="N",

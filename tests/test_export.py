@@ -38,7 +38,10 @@ def float_folder(tmp_path_factory):
     torch.manual_seed(0)
     config = MobileMoEConfig.from_preset("tiny", max_position_embeddings=128)
     folder = tmp_path_factory.mktemp("float")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config)
+    for block in model.moe_blocks():  # a selection bias that changes which experts win, as trained models have
+        block.expert_bias.normal_(0, 0.3)
+    model.save_pretrained(folder)
     return folder
 
 
@@ -65,7 +68,7 @@ def _prompt(vocab_size: int, batch: int = 1, length: int = 10, seed: int = 1) ->
 
 
 def _check_greedy(runner, folder, quantize: str, atol: float) -> None:
-    reference = reference_model(folder, quantize)
+    reference = reference_model(folder, quantize, runner.export_config.experts)
     prompt = _prompt(reference.config.vocab_size)
     exported = runner.generate(prompt, NEW_TOKENS)
     expected = greedy_with_pytorch(reference, prompt, NEW_TOKENS)
@@ -79,9 +82,15 @@ def onnx_float(float_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_int4(packed_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx_int4")
-    return export_onnx(packed_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN).parent
+def onnx_qmoe(float_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_qmoe")
+    return export_onnx(float_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN).parent
+
+
+@pytest.fixture(scope="module")
+def onnx_packed(packed_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_packed")
+    return export_onnx(packed_folder, out, quantize="8da4w", experts="packed", max_seq_len=MAX_SEQ_LEN).parent
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +108,26 @@ def test_onnx_float_generates_as_pytorch(onnx_float, float_folder):
     _check_greedy(OnnxRunner(onnx_float), float_folder, "none", atol=1e-4)
 
 
-def test_onnx_int4_generates_as_the_int4_checkpoint(onnx_int4, packed_folder):
-    _check_greedy(OnnxRunner(onnx_int4), packed_folder, "8da4w", atol=1e-4)
+def test_onnx_qmoe_generates_as_pytorch(onnx_qmoe, float_folder):
+    """ONNX Runtime's fused QMoE against MobileMoE's own block (sigmoid scores, selection-only bias, renormalised
+    top-k times 2.5) on the same INT4 values: the routing maps onto the op exactly."""
+    assert OnnxRunner(onnx_qmoe).export_config.experts == "qmoe"
+    _check_greedy(OnnxRunner(onnx_qmoe), float_folder, "8da4w", atol=1e-4)
+
+
+def test_onnx_qmoe_graph(onnx_qmoe):
+    nodes = onnx.load(onnx_qmoe / "model.onnx").graph.node
+    config = MobileMoEConfig.from_pretrained(onnx_qmoe)
+    qmoe = [n for n in nodes if n.op_type == "QMoE" and n.domain == "com.microsoft"]
+    assert len(qmoe) == config.num_moe_layers
+    assert len([n for n in nodes if n.op_type == "MatMulNBits"]) == 7 * config.num_hidden_layers + 1
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
+    assert attributes["k"] == config.num_experts_per_tok and attributes["normalize_routing_weights"] == 1
+    assert qmoe[0].input[14]  # router_weights: the unbiased scores mix, the biased ones only select
+
+
+def test_onnx_packed_experts_generate_as_the_int4_checkpoint(onnx_packed, packed_folder):
+    _check_greedy(OnnxRunner(onnx_packed), packed_folder, "8da4w", atol=1e-4)
 
 
 def test_onnx_left_padded_batch_matches_pytorch(onnx_float, float_folder):
@@ -126,8 +153,8 @@ def test_onnx_signature_follows_optimum(onnx_float):
     assert isinstance(dims["past_key_values.0.key"][2], str)  # past length
 
 
-def test_onnx_int4_carries_the_checkpoint_bytes_and_reads_experts_sparsely(onnx_int4, packed_folder):
-    model = onnx.load(onnx_int4 / "model.onnx")
+def test_onnx_int4_carries_the_checkpoint_bytes_and_reads_experts_sparsely(onnx_packed, packed_folder):
+    model = onnx.load(onnx_packed / "model.onnx")
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     checkpoint = load_file(packed_folder / "model.safetensors")
     experts = [k for k in checkpoint if "experts." in k]
@@ -139,7 +166,7 @@ def test_onnx_int4_carries_the_checkpoint_bytes_and_reads_experts_sparsely(onnx_
     # plus the tied LM head.
     nodes = model.graph.node
     matmul_nbits = [n for n in nodes if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
-    layers = MobileMoEConfig.from_pretrained(onnx_int4).num_hidden_layers
+    layers = MobileMoEConfig.from_pretrained(onnx_packed).num_hidden_layers
     assert len(matmul_nbits) == 7 * layers + 1
     q_proj = (checkpoint["model.layers.0.self_attn.q_proj.qweight"].numpy() ^ 0x88).tobytes()
     assert q_proj in [initializers[n.input[1]].tobytes() for n in matmul_nbits]
@@ -147,7 +174,11 @@ def test_onnx_int4_carries_the_checkpoint_bytes_and_reads_experts_sparsely(onnx_
     assert not [n for n in nodes if n.op_type in ("MatMul", "Gemm") and set(n.input) & dense_weights]
     # Expert tensors are only ever gathered by the selected ids (no full-tensor matmul or dequantization).
     expert_names = {n for n, v in initializers.items() if v.tobytes() in {checkpoint[k].numpy().tobytes() for k in experts}}
-    consumers = [n.op_type for n in nodes for name in n.input if name in expert_names]
+    consumers, frontier = [], expert_names
+    while frontier:  # through reshapes (views) to the ops that read the values
+        users = [n for n in nodes if set(n.input) & frontier]
+        consumers += [n.op_type for n in users if n.op_type != "Reshape"]
+        frontier = {out for n in users if n.op_type == "Reshape" for out in n.output}
     assert consumers and set(consumers) <= {"Gather", "GatherND"}
 
 
@@ -167,7 +198,7 @@ def test_executorch_int4_from_a_qat_checkpoint(executorch_int4, qat_folder):
 
 
 def test_exported_experts_read_only_the_gathered_experts(packed_folder):
-    """In the graph both exporters lower, expert tensors are used only by index ops (gathers of selected experts)."""
+    """In the graph the exporters lower, expert tensors are only read by row gathers of the selected experts."""
     from modeling_mobilemoe.export.executorch import quantize_8da4w
 
     model = quantize_8da4w(load_for_export(packed_folder)[0])
@@ -178,8 +209,13 @@ def test_exported_experts_read_only_the_gathered_experts(packed_folder):
     expert_inputs = {
         name for name, target in program.graph_signature.inputs_to_buffers.items() if "qweight" in target or "_scale" in target
     }
-    uses = {user.target for node in program.graph.nodes if node.name in expert_inputs for user in node.users}
-    assert uses == {torch.ops.aten.index.Tensor}
+    views = {torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default, torch.ops.aten.reshape.default}
+    uses, frontier = set(), [node for node in program.graph.nodes if node.name in expert_inputs]
+    while frontier:  # through views to the ops that read the values
+        users = [user for node in frontier for user in node.users]
+        uses |= {user.target for user in users if user.target not in views}
+        frontier = [user for user in users if user.target in views]
+    assert uses == {torch.ops.aten.embedding.default}  # row gathers of the selected experts
 
 
 def test_runner_refuses_sequences_longer_than_the_export(onnx_float, executorch_float):
@@ -208,6 +244,7 @@ def test_load_runner_picks_the_format(onnx_float, executorch_float, float_folder
         ({"format": "onnx", "quantize": "int2"}, "quantize: 'int2'"),
         ({"format": "onnx", "max_seq_len": 10**6}, "max_seq_len"),
         ({"format": "onnx", "target": "arm"}, "target"),
+        ({"format": "onnx", "quantize": "8da4w", "experts": "dense"}, "experts: 'dense'"),
         ({"format": "executorch", "max_batch": 4}, "max_batch"),
         ({"format": "executorch", "target": "arm"}, "llama::quantized_moe_ffn"),
         ({"format": "executorch", "target": "gpu"}, "target: 'gpu'"),

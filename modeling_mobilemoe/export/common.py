@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..configuration_mobilemoe import INT4_FORMAT_FIELDS
 from ..modeling_mobilemoe import MobileMoEExperts
 from .packed import PUBLISHED_INT4_ATTRIBUTE, read_published_int4
 
@@ -27,6 +28,7 @@ class ExportConfig:
     max_batch: int
     target: str
     program: str
+    experts: str  # "float", "packed" (the published INT4 tensors) or "qmoe" (ONNX Runtime's fused op)
 
     def save(self, folder: Path) -> None:
         (folder / EXPORT_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -106,19 +108,30 @@ def load_for_export(
     return model, tokenizer
 
 
-def reference_model(model: str | Path, quantize: str) -> PreTrainedModel:
-    """The PyTorch model an export of the folder `model` is checked against: the model as loaded, or for `8da4w`
-    the values the export's INT4 tensors hold: a packed checkpoint's own (as loaded), else the weights on their INT4
-    grid (weight-only fake quantization, converted)."""
+def reference_model(model: str | Path, quantize: str, experts: str = "packed") -> PreTrainedModel:
+    """The PyTorch model an export of the folder `model` is checked against: for `8da4w`, the model holding the
+    values the export's INT4 tensors hold. A packed checkpoint's weights are its INT4 values already; other weights
+    are put on their INT4 grid (linears and the embedding along `in`, experts along `out` as published, or along
+    `in` with `experts="qmoe"`, as QMoE groups them)."""
     packed = json.loads((Path(model) / "config.json").read_text()).get("quantization")
-    if quantize == "none" or packed:
-        return load_for_export(model)[0]
-    from ..quantization import MobileMoEQATConfig
+    reference = load_for_export(model)[0]
+    if quantize == "none":
+        return reference
+    from ..quantization.int4 import fake_quantize_int4
 
-    quantized = AutoModelForCausalLM.from_pretrained(
-        model, dtype=torch.float32, quantization_config=MobileMoEQATConfig(activation_bits=None)
-    )
-    return load_for_export(quantized)[0]
+    group_size = INT4_FORMAT_FIELDS["group_size"]
+    with torch.no_grad():
+        if not packed:
+            for module in reference.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):  # not the router: a plain FP32 parameter
+                    module.weight.copy_(fake_quantize_int4(module.weight, group_size))
+        for block in reference.moe_blocks():
+            for weight in (block.routed_experts.gate_up_proj, block.routed_experts.down_proj):
+                if experts == "qmoe":
+                    weight.copy_(fake_quantize_int4(weight, group_size))
+                elif not packed:
+                    weight.copy_(fake_quantize_int4(weight.transpose(1, 2), group_size).transpose(1, 2))
+    return reference
 
 
 def write_companions(

@@ -142,7 +142,8 @@ def export_executorch(
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PROGRAM_NAME).write_bytes(lowered.buffer)
-    export_config = ExportConfig("executorch", quantize, max_seq_len, max_batch, target, PROGRAM_NAME)
+    experts = "packed" if quantize == "8da4w" else "float"
+    export_config = ExportConfig("executorch", quantize, max_seq_len, max_batch, target, PROGRAM_NAME, experts)
     write_companions(folder, model, tokenizer, export_config)
     return folder / PROGRAM_NAME
 

@@ -22,19 +22,24 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .common import ExportConfig, GreedyResult, check_options, check_sequence_length, load_for_export, write_companions
+from ..quantization.int4 import pack_int4, quantize_int4
 from .packed import GROUP_SIZE, pack_experts_and_embedding, replace_linears
 
 PROGRAM_NAME = "model.onnx"
+ONNX_EXPERTS = ("qmoe", "packed")
 _SIGN_FLIP = 0x88  # two's-complement nibbles -> MatMulNBits' unsigned `q + 8`, both nibbles of a byte
+
+
+def _dequantize_unsigned(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MatMulNBits/QMoE bytes (`q + 8`, low nibble first) and scales per 32 along the last dim -> float."""
+    values = torch.stack(((packed & 0xF).float(), (packed // 16).float()), dim=-1).flatten(-2) - 8
+    return (values.unflatten(-1, (-1, GROUP_SIZE)) * scales[..., None]).flatten(-2)
 
 
 @torch.library.custom_op("mobilemoe::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b_quant: torch.Tensor, scales: torch.Tensor, K: int, N: int) -> torch.Tensor:
     """`com.microsoft.MatMulNBits(A=x, B=b_quant, scales)` with bits=4, block_size=32, default zero point 8."""
-    low, high = (b_quant & 0xF).to(torch.int16), (b_quant // 16).to(torch.int16)
-    values = torch.stack((low, high), dim=-1).reshape(N, K).float() - 8
-    weight = values.unflatten(-1, (-1, GROUP_SIZE)) * scales.reshape(N, -1, 1)
-    return F.linear(x, weight.reshape(N, K).to(x.dtype))
+    return F.linear(x, _dequantize_unsigned(b_quant.reshape(N, K // 2), scales.reshape(N, -1)).to(x.dtype))
 
 
 @matmul_nbits.register_fake
@@ -42,28 +47,44 @@ def _(x, b_quant, scales, K, N):
     return x.new_empty(*x.shape[:-1], N)
 
 
-def _register_matmul_nbits_schema() -> None:
-    """onnx knows no ONNX Runtime contrib op; onnxscript builds nodes from schemas, so MatMulNBits' (the inputs and
-    attributes used here) is registered once."""
+def _register_schema(name: str, inputs: list[tuple[str, str]], attributes: dict[str, object]) -> None:
+    """onnx knows no ONNX Runtime contrib op, and onnxscript builds nodes from schemas: the inputs and attributes
+    used here of com.microsoft's `name` are registered once."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("MatMulNBits", "com.microsoft"):
+    if onnx.defs.has(name, "com.microsoft"):
         return
-    Formal = OpSchema.FormalParameter
+    kinds = {int: OpSchema.AttrType.INT, float: OpSchema.AttrType.FLOAT, str: OpSchema.AttrType.STRING}
+    optional = OpSchema.FormalParameterOption.Optional
     onnx.defs.register_schema(
         OpSchema(
-            "MatMulNBits",
+            name,
             "com.microsoft",
             1,
-            inputs=[Formal("A", "T1"), Formal("B", "T2"), Formal("scales", "T1")],
-            outputs=[Formal("Y", "T1")],
-            type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], "")],
-            attributes=[
-                OpSchema.Attribute(name, OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size")
-            ],
+            inputs=[OpSchema.FormalParameter(n, t, param_option=optional) for n, t in inputs],
+            outputs=[OpSchema.FormalParameter("Y", "T")],
+            type_constraints=[("T", ["tensor(float)"], ""), ("T1", ["tensor(uint8)"], "")],
+            attributes=[OpSchema.Attribute(n, kinds[kind], "") for n, kind in attributes.items()],
         )
     )
+
+
+def _register_matmul_nbits_schema() -> None:
+    _register_schema(
+        "MatMulNBits", [("A", "T"), ("B", "T1"), ("scales", "T")], dict(K=int, N=int, bits=int, block_size=int)
+    )
+
+
+def _register_qmoe_schema() -> None:
+    inputs = ["input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc1_experts_bias", "fc2_experts_weights",
+              "fc2_scales", "fc2_experts_bias", "fc3_experts_weights", "fc3_scales", "fc3_experts_bias",
+              "fc1_zero_points", "fc2_zero_points", "fc3_zero_points", "router_weights"]  # fmt: skip
+    types = {"fc1_experts_weights": "T1", "fc2_experts_weights": "T1", "fc3_experts_weights": "T1"}
+    attributes = dict(k=int, activation_type=str, swiglu_fusion=int, activation_alpha=float, activation_beta=float,
+                      swiglu_limit=float, normalize_routing_weights=int, expert_weight_bits=int, block_size=int,
+                      use_sparse_mixer=int)  # fmt: skip
+    _register_schema("QMoE", [(n, types.get(n, "T")) for n in inputs], attributes)
 
 
 def _matmul_nbits_onnx(x, b_quant, scales, K: int, N: int):
@@ -90,7 +111,98 @@ class MatMulNBitsLinear(nn.Module):
         return matmul_nbits(x, self.b_quant, self.scales, self.in_features, self.out_features)
 
 
-def quantize_8da4w(model: PreTrainedModel) -> PreTrainedModel:
+@torch.library.custom_op("mobilemoe::qmoe", mutates_args=())
+def qmoe(
+    x: torch.Tensor,
+    router_probs: torch.Tensor,
+    router_weights: torch.Tensor,
+    fc1_weights: torch.Tensor,
+    fc1_scales: torch.Tensor,
+    fc2_weights: torch.Tensor,
+    fc2_scales: torch.Tensor,
+    k: int,
+    normalize: int,
+) -> torch.Tensor:
+    """`com.microsoft.QMoE` as configured by `_qmoe_onnx`: top-k of `router_probs` choose, `router_weights` at those
+    experts mix (renormalised when `normalize`), SwiGLU experts with interleaved gate/up rows, INT4 `q + 8` weights in
+    blocks of 32 along the input dimension. The reference the exported op is checked against."""
+    selected = router_probs.topk(k, dim=-1).indices
+    weights = router_weights.gather(-1, selected)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    fc1 = _dequantize_unsigned(fc1_weights[selected.reshape(-1)], fc1_scales[selected.reshape(-1)])
+    fc2 = _dequantize_unsigned(fc2_weights[selected.reshape(-1)], fc2_scales[selected.reshape(-1)])
+    rows = x.repeat_interleave(k, dim=0)[:, :, None]
+    gate_up = torch.bmm(fc1, rows).squeeze(-1)
+    hidden = F.silu(gate_up[:, 0::2]) * gate_up[:, 1::2]
+    out = torch.bmm(fc2, hidden[:, :, None]).squeeze(-1).view(x.shape[0], k, -1)
+    return (out * weights[..., None]).sum(dim=1)
+
+
+@qmoe.register_fake
+def _(x, router_probs, router_weights, fc1_weights, fc1_scales, fc2_weights, fc2_scales, k, normalize):
+    return torch.empty_like(x)
+
+
+def _qmoe_onnx(x, router_probs, router_weights, fc1_weights, fc1_scales, fc2_weights, fc2_scales, k: int, normalize: int):
+    from onnxscript.values import Opset
+
+    _register_qmoe_schema()
+    return Opset("com.microsoft", 1).QMoE(
+        x, router_probs, fc1_weights, fc1_scales, None, fc2_weights, fc2_scales, None, None, None, None, None, None,
+        None, router_weights, k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+        activation_beta=0.0, swiglu_limit=float("inf"), normalize_routing_weights=normalize, expert_weight_bits=4,
+        block_size=GROUP_SIZE, use_sparse_mixer=0,
+    )  # fmt: skip
+
+
+def _quantize_unsigned(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[..., K]` float -> (`q + 8` packed `[..., K/2]` uint8, fp32 scales `[..., K/32]`), the format's INT4 rule."""
+    q, scale = quantize_int4(weight.detach(), GROUP_SIZE)
+    return pack_int4(q) ^ _SIGN_FLIP, scale.float()
+
+
+class QMoESparseMoeBlock(nn.Module):
+    """An MoE block as one `com.microsoft.QMoE`: ONNX Runtime's fused sparse INT4 MoE kernel. MobileMoE's routing maps
+    onto it exactly: `router_probs = sigmoid(logits) + expert_bias` selects, `router_weights = sigmoid(logits)` mixes
+    (renormalised over the top-k by the op), times `routed_scaling_factor`; the shared expert stays beside it.
+    QMoE groups expert weights along their input dimension, the published format along the output one, so the
+    experts are quantized again here (INT4, blocks of 32 along the input)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.router, self.shared_expert = block.router, block.shared_expert
+        self.register_buffer("expert_bias", block.expert_bias)
+        experts = block.routed_experts
+        gate, up = experts.gate_up_proj.chunk(2, dim=1)  # [E, I, H] each
+        interleaved = torch.stack((gate, up), dim=2).flatten(1, 2)  # rows gate0, up0, gate1, ... (swiglu_fusion=1)
+        for name, weight in (("fc1", interleaved), ("fc2", experts.down_proj)):
+            packed, scales = _quantize_unsigned(weight)
+            self.register_buffer(f"{name}_weights", packed)
+            self.register_buffer(f"{name}_scales", scales)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_dim)
+        scores = F.linear(hidden_states.float(), self.router.weight.float()).sigmoid()
+        routed = qmoe(
+            hidden_states, scores + self.expert_bias, scores, self.fc1_weights, self.fc1_scales, self.fc2_weights,
+            self.fc2_scales, self.router.top_k, int(self.router.norm_topk_prob),
+        )  # fmt: skip
+        output = routed * self.router.routed_scaling_factor + self.shared_expert(hidden_states)
+        return output.reshape(batch_size, sequence_length, hidden_dim)
+
+
+def quantize_8da4w(model: PreTrainedModel, experts: str = "qmoe") -> PreTrainedModel:
+    """INT4 weights everywhere but the FP32 router: MatMulNBits linears, the packed embedding, and experts as QMoE
+    (`experts="qmoe"`, fast) or as the published packed tensors dequantized per gathered tile (`"packed"`: the
+    checkpoint's bytes unchanged)."""
+    if experts not in ONNX_EXPERTS:
+        raise ValueError(f"experts: {experts!r} is not one of {list(ONNX_EXPERTS)}.")
+    if experts == "qmoe":
+        for layer in model.get_decoder().layers:
+            if layer.is_moe_layer:
+                layer.feed_forward = QMoESparseMoeBlock(layer.feed_forward)
     pack_experts_and_embedding(model)
     replace_linears(model, MatMulNBitsLinear)
     return model
@@ -125,15 +237,16 @@ def export_onnx(
     quantize: str = "none",
     max_seq_len: int | None = None,
     max_batch: int = 8,
+    experts: str = "qmoe",
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
     """Exports a MobileMoE model (a folder or a loaded model) to `output_dir/model.onnx` with its tokenizer, config
     and `export_config.json`; returns the .onnx path. Batch and lengths are dynamic; the runner enforces
-    `max_seq_len` and `max_batch`."""
+    `max_seq_len` and `max_batch`. `experts` picks the INT4 experts' form (see `quantize_8da4w`)."""
     model, tokenizer = load_for_export(model, tokenizer)
     max_seq_len = check_options(model.config, quantize, max_seq_len, max_batch)
     if quantize == "8da4w":
-        quantize_8da4w(model)
+        quantize_8da4w(model, experts)
     config = model.config
     num_layers = config.num_hidden_layers
     # Example batch 2 (a batch of 1 gets specialised) with a non-empty past (else the past axis is fixed to 0).
@@ -163,12 +276,16 @@ def export_onnx(
             input_names=["input_ids", "attention_mask", "position_ids", *_names(num_layers, "past_key_values")],
             output_names=["logits", *_names(num_layers, "present")],
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table={torch.ops.mobilemoe.matmul_nbits.default: _matmul_nbits_onnx},
+            custom_translation_table={
+                torch.ops.mobilemoe.matmul_nbits.default: _matmul_nbits_onnx,
+                torch.ops.mobilemoe.qmoe.default: _qmoe_onnx,
+            },
             optimize=True,
             verbose=False,
         )
     onnx_program.save(str(folder / PROGRAM_NAME), external_data=_external_data(model))
-    export_config = ExportConfig("onnx", quantize, max_seq_len, max_batch, "cpu", PROGRAM_NAME)
+    experts = experts if quantize == "8da4w" else "float"
+    export_config = ExportConfig("onnx", quantize, max_seq_len, max_batch, "cpu", PROGRAM_NAME, experts)
     write_companions(folder, model, tokenizer, export_config)
     return folder / PROGRAM_NAME
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -57,6 +58,12 @@ def dequantized(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return dequantize_int4(qweight, scale, torch.float32)
 
 
+def _rows(ids: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensor[ids]` for each tensor, as `embedding` lookups: ExecuTorch's portable kernel copies whole rows, its
+    generic `index` kernel element by element."""
+    return [F.embedding(ids, t.flatten(1)).unflatten(-1, t.shape[1:]) for t in tensors]
+
+
 class PackedInt4Experts(nn.Module):
     """Routed experts as `gate_up_qweight [E, H, I]` (2I values packed in pairs), `down_qweight [E, I, H/2]` and their
     fp16 scales; runs `tiled_mm_experts_forward`, dequantizing only the experts it gathers."""
@@ -72,8 +79,8 @@ class PackedInt4Experts(nn.Module):
 
     def gather_weights(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`gate_up [N, 2I, H]`, `down [N, H, I]` (nn.Linear layout, as views) of the listed experts."""
-        gate_up = dequantize_int4(self.gate_up_qweight[expert_ids], self.gate_up_scale[expert_ids], self.compute_dtype)
-        down = dequantize_int4(self.down_qweight[expert_ids], self.down_scale[expert_ids], self.compute_dtype)
+        gate_up = dequantize_int4(*_rows(expert_ids, self.gate_up_qweight, self.gate_up_scale), self.compute_dtype)
+        down = dequantize_int4(*_rows(expert_ids, self.down_qweight, self.down_scale), self.compute_dtype)
         return gate_up.transpose(1, 2), down.transpose(1, 2)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -90,7 +97,7 @@ class PackedInt4Embedding(nn.Module):
         self.compute_dtype = dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_int4(self.qweight[input_ids], self.weight_scale[input_ids], self.compute_dtype)
+        return dequantize_int4(*_rows(input_ids, self.qweight, self.weight_scale), self.compute_dtype)
 
 
 def replace_linears(model: nn.Module, make: callable) -> None:
@@ -117,9 +124,9 @@ def pack_experts_and_embedding(model: nn.Module) -> nn.Module:
     qweight, scale = int4_pair(model, "model.embed_tokens", embedding.weight)
     backbone.embed_tokens = PackedInt4Embedding(qweight, scale, embedding.weight.dtype)
     for layer_idx, layer in enumerate(backbone.layers):
-        if not layer.is_moe_layer:
+        experts = getattr(layer.feed_forward, "routed_experts", None)
+        if not isinstance(experts, MobileMoEExperts):  # a dense layer, or experts a backend has taken over
             continue
-        experts = layer.feed_forward.routed_experts
         prefix = f"model.layers.{layer_idx}.feed_forward.experts"
         pairs = {
             name: int4_pair(model, f"{prefix}.{name}", getattr(experts, f"{name}_proj").transpose(1, 2))
