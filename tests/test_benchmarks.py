@@ -46,3 +46,24 @@ def test_training_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["results"]["float32"]["mobilemoe"]["tok_s"] > 0
     assert "vs_best_qwen2moe" in report["ratios"]["float32"]
+
+
+@pytest.mark.slow
+def test_export_benchmark_smoke(tmp_path):
+    out = tmp_path / "export.json"
+    command = [
+        sys.executable, str(BENCHMARKS / "bench_export.py"), "--layers", "1", "--runtimes", "onnx", "--prefill", "16",
+        "--context", "16", "--decode-steps", "2", "--repeats", "1", "--long-context", "32",
+        "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    moe, dense = report["results"]["onnx"]["mobilemoe"], report["results"]["onnx"]["dense-pro"]
+    assert moe["decode"]["tok_s"] > 0 and dense["prefill"]["16"]["tok_s"] > 0
+    assert moe["long_context"]["context"] == 32 and moe["peak_rss_gib"] > 0
+    from modeling_mobilemoe import MobileMoEConfig
+
+    assert moe["int4_weight_bytes"] == MobileMoEConfig.from_preset("S", num_hidden_layers=1).int4_weight_bytes()
+    assert "decode" in report["ratios"]["onnx"]
+    assert out.with_suffix(".png").stat().st_size > 0

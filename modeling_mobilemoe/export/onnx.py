@@ -243,6 +243,8 @@ def export_onnx(
     """Exports a MobileMoE model (a folder or a loaded model) to `output_dir/model.onnx` with its tokenizer, config
     and `export_config.json`; returns the .onnx path. Batch and lengths are dynamic; the runner enforces
     `max_seq_len` and `max_batch`. `experts` picks the INT4 experts' form (see `quantize_8da4w`)."""
+    if experts not in ONNX_EXPERTS:  # before loading: a full-size model takes a while
+        raise ValueError(f"experts: {experts!r} is not one of {list(ONNX_EXPERTS)}.")
     model, tokenizer = load_for_export(model, tokenizer)
     max_seq_len = check_options(model.config, quantize, max_seq_len, max_batch)
     if quantize == "8da4w":
