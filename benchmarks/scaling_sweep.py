@@ -1,6 +1,6 @@
 """A small, real scaling sweep: tiny MoE shapes trained for the same tokens, loss against memory and active compute.
 
-Every point is the mean of `modeling_mobilemoe.training.train` runs of `recipes/tiny/scaling/config.yaml`
+Every point is the mean of `modeling_mobilemoe.training.train` runs of `recipes/tiny/pretrain/config_scaling.yaml`
 (pretraining on the bundled corpus, same steps, batch and context), one per seed (0 and 1), with the architecture
 set by `modeling_mobilemoe.scaling.architecture_fields`: 2 layers, hidden 128, and the FFN cut into E x g units of
 width 4d/g, as the planner builds its candidates. The series are the paper's three questions:
@@ -38,7 +38,7 @@ from common import machine_info, write_json  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "recipes", "tiny", "scaling", "config.yaml")
+RECIPE = os.path.join(ROOT, "recipes", "tiny", "pretrain", "config_scaling.yaml")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 SERIES: dict[str, tuple[MoEShape, ...]] = {

@@ -72,7 +72,7 @@ def test_bad_recipe_values_fail_naming_the_field(overrides, message):
 
 @pytest.mark.parametrize(
     "path",
-    sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*", "config.yaml"))),
+    sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*", "config*.yaml"))),
     ids=lambda path: os.path.relpath(path, os.path.join(REPO, "recipes")),
 )
 def test_every_shipped_recipe_parses(path):
