@@ -22,8 +22,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .common import ExportConfig, GreedyResult, check_options, check_sequence_length, load_for_export, write_companions
-from ..quantization.int4 import pack_int4, quantize_int4
-from .packed import GROUP_SIZE, pack_experts_and_embedding, replace_linears
+from .packed import GROUP_SIZE, pack_experts_and_embedding, packed_int4, replace_linears
 
 PROGRAM_NAME = "model.onnx"
 ONNX_EXPERTS = ("qmoe", "packed")
@@ -158,8 +157,8 @@ def _qmoe_onnx(x, router_probs, router_weights, fc1_weights, fc1_scales, fc2_wei
 
 def _quantize_unsigned(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[..., K]` float -> (`q + 8` packed `[..., K/2]` uint8, fp32 scales `[..., K/32]`), the format's INT4 rule."""
-    q, scale = quantize_int4(weight.detach(), GROUP_SIZE)
-    return pack_int4(q) ^ _SIGN_FLIP, scale.float()
+    qweight, scale = packed_int4(weight)
+    return qweight ^ _SIGN_FLIP, scale.float()
 
 
 class QMoESparseMoeBlock(nn.Module):

@@ -50,6 +50,11 @@ def int4_pair(model: nn.Module, published_name: str, weight: torch.Tensor) -> tu
                                    (f"{published_name}_qweight", f"{published_name}_scale")):  # fmt: skip
         if qweight_key in published:
             return published[qweight_key], published[scale_key]
+    return packed_int4(weight)
+
+
+def packed_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` quantized with the format's rule along its last dimension: `(qweight, scale)` as published."""
     q, scale = quantize_int4(weight.detach(), GROUP_SIZE)
     return pack_int4(q).contiguous(), scale.contiguous()
 
