@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: the models compared, timing, peak-RSS sampling, memory bandwidth, output files.
 
 Models are built from configs with random weights (nothing is downloaded):
-- `mobilemoe`: this package's MobileMoE at a preset's shape;
+- `mobilemoe`: this package's MobileMoE at a preset's shape, with its CPU decode kernels (`mobilemoe-pytorch-ops`:
+  without them, stock PyTorch ops only);
 - `qwen2moe`: transformers' `Qwen2MoeForCausalLM` at the same shape (60 experts, top-4, shared expert 4x wider);
 - `dense-pro`: a dense `LlamaForCausalLM` shaped like MobileLLM-Pro (1.08B: 30 layers, hidden 1280, 20/4 heads,
   FFN 6144, vocab 202048, tied), the paper's on-device baseline.
@@ -24,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 from transformers.integrations.moe import ExpertsInterface
 
-from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM
+from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, kernels
 from modeling_mobilemoe.configuration_mobilemoe import DEFAULT_ROPE_PARAMETERS
 
 
@@ -112,22 +113,24 @@ def drop_published_layout_copies(model) -> None:
 ExpertsInterface.register("loop_all_experts", loop_all_experts_forward)
 
 FAMILIES: dict[str, Callable] = {"mobilemoe": build_mobilemoe, "qwen2moe": build_qwen2moe, "dense-pro": build_dense_pro}
-# mode -> (model family, experts implementation; None: the model's default)
-MODES: dict[str, tuple[str, str | None]] = {
-    "mobilemoe": ("mobilemoe", None),
-    "mobilemoe-eager": ("mobilemoe", "eager"),
-    "mobilemoe-grouped_mm": ("mobilemoe", "grouped_mm"),
-    "mobilemoe-loop-all-experts": ("mobilemoe", "loop_all_experts"),
-    "qwen2moe-eager": ("qwen2moe", "eager"),
-    "qwen2moe-batched_mm": ("qwen2moe", "batched_mm"),
-    "qwen2moe-grouped_mm": ("qwen2moe", "grouped_mm"),
-    "dense-pro": ("dense-pro", None),
+# mode -> (model family, experts implementation (None: the model's default), whether MobileMoE's CPU decode kernels
+# run). The loop over all experts stands for the released remote code, so it runs on stock PyTorch ops.
+MODES: dict[str, tuple[str, str | None, bool]] = {
+    "mobilemoe": ("mobilemoe", None, True),
+    "mobilemoe-pytorch-ops": ("mobilemoe", None, False),
+    "mobilemoe-eager": ("mobilemoe", "eager", True),
+    "mobilemoe-grouped_mm": ("mobilemoe", "grouped_mm", True),
+    "mobilemoe-loop-all-experts": ("mobilemoe", "loop_all_experts", False),
+    "qwen2moe-eager": ("qwen2moe", "eager", False),
+    "qwen2moe-batched_mm": ("qwen2moe", "batched_mm", False),
+    "qwen2moe-grouped_mm": ("qwen2moe", "grouped_mm", False),
+    "dense-pro": ("dense-pro", None, False),
 }
 
 
 def build(mode: str, size: str, layers: int | None, dtype: torch.dtype):
     """The model of `mode`'s family, switched to the mode's experts implementation."""
-    family, experts = MODES[mode]
+    family = MODES[mode][0]
     torch.manual_seed(0)
     model = FAMILIES[family](size, layers, dtype)
     select(model, mode)
@@ -135,8 +138,10 @@ def build(mode: str, size: str, layers: int | None, dtype: torch.dtype):
 
 
 def select(model, mode: str) -> None:
-    """Switch a family's model to `mode` (its experts implementation; the baseline's extra tensors if needed)."""
-    family, experts = MODES[mode]
+    """Switch a family's model to `mode`: its experts implementation (with the baseline's extra tensors if needed)
+    and the CPU decode kernels on or off (they only exist in MobileMoE models)."""
+    family, experts, use_kernels = MODES[mode]
+    kernels.set_enabled(use_kernels)
     if family == "dense-pro":
         return
     if experts == "loop_all_experts" and not hasattr(model.moe_blocks()[0].routed_experts, "published_gate_up"):

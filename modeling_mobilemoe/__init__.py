@@ -8,6 +8,7 @@ package is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from . import kernels  # CPU decode kernels, installed on every MobileMoE model (see its docstring)
 from .configuration_mobilemoe import MobileMoEConfig
 from .modeling_mobilemoe import MobileMoEForCausalLM, MobileMoEModel, MobileMoEPreTrainedModel
 from .quantization import MobileMoEQATConfig  # registers the `mobilemoe_qat` quantization config and quantizer

@@ -48,6 +48,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_mobilemoe import INT4_FORMAT, INT4_FORMAT_FIELDS, MobileMoEConfig
 
 
+# Functions the `modeling_mobilemoe` package runs on every model it builds (it installs its CPU decode kernels,
+# `modeling_mobilemoe.kernels`). Loaded as Hub remote code, this file has none and runs on stock PyTorch ops.
+MODEL_INIT_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
 class MobileMoERMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -338,6 +343,16 @@ def _expert_swiglu(module: nn.Module, rows: torch.Tensor, gate_up: torch.Tensor,
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
+    """The default experts: picks a sparse formulation by device, shape and graph capture (`sorted_experts`). Where
+    the `modeling_mobilemoe` package registered its CPU decode kernels (`cpu_fused`), few-slot steps go there."""
+    if "cpu_fused" in ALL_EXPERTS_FUNCTIONS and hidden_states.device.type == "cpu":
+        return ALL_EXPERTS_FUNCTIONS["cpu_fused"](self, hidden_states, top_k_index, top_k_weights)
+    return sorted_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+def sorted_experts(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Sparse experts for CPU inference and training: the (token, expert) slots are sorted by expert and each expert
     that received tokens runs one matmul pair on its contiguous rows (a grouped GEMM); unselected experts cost nothing.
     Compiled/exported graphs and accelerators use transformers' traceable `batched_mm` (few slots) or `grouped_mm`.
@@ -553,6 +568,11 @@ class MobileMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": MobileMoEDecoderLayer,
         "attentions": MobileMoEAttention,
     }
+
+    def post_init(self):
+        super().post_init()
+        for hook in MODEL_INIT_HOOKS:
+            hook(self)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # Unless asked otherwise, experts run `sorted_mm`, which picks its formulation by device and graph capture.
