@@ -355,10 +355,14 @@ def sorted_experts(
 ) -> torch.Tensor:
     """Sparse experts for CPU inference and training: the (token, expert) slots are sorted by expert and each expert
     that received tokens runs one matmul pair on its contiguous rows (a grouped GEMM); unselected experts cost nothing.
-    Compiled/exported graphs and accelerators use transformers' traceable `batched_mm` (few slots) or `grouped_mm`.
+    Compiled graphs and accelerators use transformers' traceable `batched_mm` (few slots) or `grouped_mm`; exported
+    programs `batched_mm` at any length (a size test would constrain the exported sequence length; this package's
+    exporters select `tiled_mm`, which needs `Dim.AUTO`, instead).
     """
     num_tokens, hidden_dim = hidden_states.shape
     num_slots = top_k_index.numel()
+    if torch.compiler.is_exporting():  # e.g. optimum-executorch's exporter, which keeps the model's default
+        return ALL_EXPERTS_FUNCTIONS["batched_mm"](self, hidden_states, top_k_index, top_k_weights)
     # transformers' kernels know nothing of QAT's activation fake-quantizer: with one installed, stay on this path.
     quantized = getattr(self, "activation_fake_quantizer", None) is not None
     if (torch.compiler.is_compiling() or hidden_states.device.type != "cpu") and not quantized:

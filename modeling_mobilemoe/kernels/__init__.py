@@ -117,8 +117,8 @@ def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def decode_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward`, with few-row inference on the streaming kernel (see the module docstring)."""
-    rows = input.numel() // max(input.shape[-1], 1)
-    if rows <= MAX_LINEAR_ROWS and _kernel_applies(input, self.weight):
+    # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
+    if _kernel_applies(input, self.weight) and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
     return F.linear(input, self.weight, self.bias)
 
@@ -129,11 +129,11 @@ def cpu_fused_experts_forward(
     """Few-slot inference: gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator that
     reads only their rows; anything else (prefill, training, QAT, other activations) runs `sorted_mm`'s formulations."""
     fused = (
-        top_k_index.numel() <= MAX_FUSED_SLOTS
-        and isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
+        isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
         and getattr(self, "activation_fake_quantizer", None) is None
         and getattr(self, "gather_weights", None) is None  # the exporters' packed INT4 experts
         and _kernel_applies(hidden_states, self.gate_up_proj, self.down_proj)
+        and top_k_index.numel() <= MAX_FUSED_SLOTS  # last, as in `decode_linear_forward`
     )
     if not fused:
         return sorted_experts(self, hidden_states, top_k_index, top_k_weights)
