@@ -113,6 +113,87 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_options(args: argparse.Namespace) -> dict:
+    return {
+        "results": args.results,
+        "size": args.size,
+        "variant": args.variant,
+        "base_model": args.base_model,
+        "datasets": args.dataset,
+        "license": args.license,
+        "templates_dir": args.templates,
+    }
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from .hub import render_card, validate_card
+
+    card = render_card(args.model, repo_id=args.repo_id, **_card_options(args))
+    validate_card(card)
+    card.save(args.out)
+    evaluated = len(card.data.eval_results or [])
+    print(f"wrote {args.out} ({card.data.model_name}; {evaluated} measured results in its model-index)")
+    return 0
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from .hub import publish
+
+    published = publish(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        dry_run=args.dry_run,
+        commit_message=args.commit_message,
+        export=args.export,
+        export_quantize=args.export_quantize,
+        **_card_options(args),
+    )
+    if published.folder is not None:
+        files = sorted(str(path.relative_to(published.folder)) for path in published.folder.rglob("*") if path.is_file())
+        print(f"dry run: wrote {published.folder} ({len(files)} files: {', '.join(files)}); nothing uploaded")
+    else:
+        print(f"uploaded to {args.repo_id}: {published.commit.commit_url}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .hub import evaluate
+    from .hub.evaluation import summary_lines
+
+    results = evaluate(
+        args.model,
+        args.tasks,
+        output=args.out,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        apply_chat_template=args.apply_chat_template,
+        trust_remote_code=args.trust_remote_code,
+    )
+    for line in summary_lines(results):
+        print(line)
+    if args.out:
+        print(f"wrote {args.out} (mobilemoe card --model {args.model} --results {args.out})")
+    return 0
+
+
+def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", help="lm-eval results JSON (mobilemoe eval --out) for the evaluation table")
+    parser.add_argument(
+        "--size", help="template size: S, M, L or custom (default: S/M/L when the config has that shape, else custom)"
+    )
+    parser.add_argument(
+        "--variant", help="Base, SFT or QAT (default: QAT when quantized, else the stage in stage_summary.json)"
+    )
+    parser.add_argument("--base-model", help="Hub id of the model this one was trained from (card metadata)")
+    parser.add_argument("--dataset", action="append", help="Hub id of a training dataset (repeat; card metadata)")
+    parser.add_argument("--license", default="apache-2.0", help="license identifier of the weights (card metadata)")
+    parser.add_argument("--templates", default=None, help="folder of card templates (default: the repository's hub_cards/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobilemoe", description="MobileMoE for Hugging Face Transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +262,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="then run the export greedily for N tokens against PyTorch and print the agreement",
     )  # fmt: skip
     export.set_defaults(func=_run_export)
+
+    card = subparsers.add_parser("card", help="render the model card (README.md) of a model folder from hub_cards/")
+    card.add_argument("--model", required=True, help="a model folder")
+    card.add_argument("--out", default="README.md", help="where to write the card")
+    card.add_argument("--repo-id", default=None, help="the Hub repository the card's snippets load (namespace/name)")
+    _add_card_arguments(card)
+    card.set_defaults(func=_run_card)
+
+    publish = subparsers.add_parser(
+        "publish", help="assemble a Hub-ready folder (weights, remote code, tokenizer, card) and upload it"
+    )
+    publish.add_argument("--model", required=True, help="a model folder")
+    publish.add_argument("--repo-id", required=True, help="the Hub repository to create or update (namespace/name)")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and upload nothing")
+    publish.add_argument("--export", nargs="*", default=[], choices=["onnx", "executorch"], help="exports to add")
+    publish.add_argument(
+        "--export-quantize", default=None, choices=["none", "8da4w"],
+        help="quantization of the exports (default: 8da4w for a packed INT4 model, none otherwise)",
+    )  # fmt: skip
+    publish.add_argument("--commit-message", default="Upload MobileMoE model")
+    _add_card_arguments(publish)
+    publish.set_defaults(func=_run_publish)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="evaluate a model with lm-evaluation-harness (offline: the shipped mobilemoe_toy_facts task)"
+    )
+    evaluate.add_argument("--model", required=True, help="a model folder or Hub id")
+    evaluate.add_argument(
+        "--tasks", nargs="+", default=["mobilemoe_toy_facts"],
+        help="lm-eval tasks or groups: mobilemoe_toy_facts (offline), mobilemoe_paper_base (the paper's base "
+        "benchmarks, downloaded), or any lm-eval task",
+    )  # fmt: skip
+    evaluate.add_argument("--out", default=None, help="write lm-eval's results JSON here (the input of `card`)")
+    evaluate.add_argument("--num-fewshot", type=int, default=None)
+    evaluate.add_argument(
+        "--limit", type=lambda text: float(text) if float(text) < 1 else int(text), default=None,
+        help="examples per task (a fraction of them if < 1)",
+    )  # fmt: skip
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    evaluate.add_argument("--apply-chat-template", action="store_true", help="prompt chat models through their template")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="load without this package's classes")
+    evaluate.set_defaults(func=_run_eval)
 
     add_tokenizer_subcommand(subparsers)
     return parser
