@@ -55,11 +55,27 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd():
     assert layer.weight.grad is not None
 
 
+def test_many_bf16_rows_run_in_float32_where_the_cpu_has_no_native_bf16_matmul():
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    kernels.install(layer)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        with kernels.enabled(False):
+            stock = layer(x)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # native bf16: stays on PyTorch's bf16 GEMM
+        torch.testing.assert_close(out, stock, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert out.dtype == torch.bfloat16
+
+
 def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear():
     model = make_model()
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
     assert linears and all(type(module) is torch.nn.Linear for module in linears)  # what bitsandbytes looks for
-    assert all(module.forward.__func__ is kernels.decode_linear_forward for module in linears)
+    assert all(module.forward.__func__ is kernels.cpu_linear_forward for module in linears)
     copied = copy.deepcopy(model)
     assert copied.lm_head.forward.__self__ is copied.lm_head
     assert list(copied.state_dict()) == list(model.state_dict())

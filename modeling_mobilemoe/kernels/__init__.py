@@ -3,14 +3,15 @@
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads fp32 weights
 at about half of this machine's read bandwidth and bf16 ones (no native bf16 here) at a quarter. `cpu_decode.cpp`
 streams both at close to the read bandwidth (`benchmarks/bench_inference.py` measures the model end to end). The
-kernels are compiled the first time a model needs them (`torch.utils.cpp_extension`, cached per machine; about a
-minute) and registered as the `torch.ops.mobilemoe_cpu` operators, with fake implementations so `torch.compile`
+kernels are compiled the first time a model needs them (`torch.utils.cpp_extension`, cached per machine; about
+30 s) and registered as the `torch.ops.mobilemoe_cpu` operators, with fake implementations so `torch.compile`
 keeps them as opaque nodes.
 
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
-`nn.Linear` layers run `decode_linear_forward` (rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel,
-everything else to `F.linear`) and the default `sorted_mm` experts hand few-slot inference to the
-`cpu_fused` experts implementation (also selectable as `experts_implementation="cpu_fused"`). Exported programs
+`nn.Linear` layers run `cpu_linear_forward` (rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel; bf16
+inputs of more rows run in float32 on CPUs without native bf16 matmul; everything else is `F.linear`), and the
+default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation (also selectable as
+`experts_implementation="cpu_fused"`). Exported programs
 (`torch.export`, ONNX) never contain these operators. `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as
 Hub remote code has none of this and runs on stock PyTorch ops.
 """
@@ -29,7 +30,8 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
 
-from ..modeling_mobilemoe import MODEL_INIT_HOOKS, sorted_experts
+from ..modeling_mobilemoe import _UPCAST_MIN_ROWS as UPCAST_MIN_ROWS
+from ..modeling_mobilemoe import MODEL_INIT_HOOKS, _half_matmul_is_slow, sorted_experts
 
 
 logger = logging.getLogger(__name__)
@@ -115,11 +117,22 @@ def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor) -> bool:
     return dtype_ok and layout_ok and (_state["loaded"] if torch.compiler.is_compiling() else available())
 
 
-def decode_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward`, with few-row inference on the streaming kernel (see the module docstring)."""
+def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` for CPUs: few-row inference on the streaming kernel (see the module docstring); bf16/fp16
+    inputs of more rows in float32 where the CPU has no native half-precision matmul (as `sorted_mm` does for the
+    experts: the upcast costs one pass over the weight, the half-precision GEMM falls off oneDNN's fast kernels)."""
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
     if _kernel_applies(input, self.weight) and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
+    if (
+        _state["enabled"]
+        and input.device.type == "cpu"
+        and not torch.compiler.is_exporting()
+        and _half_matmul_is_slow(input.dtype)
+        and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]
+    ):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
     return F.linear(input, self.weight, self.bias)
 
 
@@ -133,7 +146,7 @@ def cpu_fused_experts_forward(
         and getattr(self, "activation_fake_quantizer", None) is None
         and getattr(self, "gather_weights", None) is None  # the exporters' packed INT4 experts
         and _kernel_applies(hidden_states, self.gate_up_proj, self.down_proj)
-        and top_k_index.numel() <= MAX_FUSED_SLOTS  # last, as in `decode_linear_forward`
+        and top_k_index.numel() <= MAX_FUSED_SLOTS  # last, as in `cpu_linear_forward`
     )
     if not fused:
         return sorted_experts(self, hidden_states, top_k_index, top_k_weights)
@@ -143,16 +156,24 @@ def cpu_fused_experts_forward(
 
 
 def install(model: nn.Module) -> None:
-    """Give `model`'s `nn.Linear` layers `decode_linear_forward` as their `forward`, in place. Only the instance's
+    """Give `model`'s `nn.Linear` layers `cpu_linear_forward` as their `forward`, in place. Only the instance's
     method changes: class, parameters and state dict stay those of `nn.Linear`, so libraries that look for exactly
     `nn.Linear` (bitsandbytes, torchao, PEFT) still find and replace them."""
     for module in model.modules():
         if type(module) is nn.Linear and "forward" not in vars(module):
-            module.forward = types.MethodType(decode_linear_forward, module)
+            module.forward = types.MethodType(cpu_linear_forward, module)
 
 
 ExpertsInterface.register("cpu_fused", cpu_fused_experts_forward)
 if install not in MODEL_INIT_HOOKS:
     MODEL_INIT_HOOKS.append(install)
 
-__all__ = ["available", "enabled", "set_enabled", "cpu_fused_experts_forward", "decode_linear_forward", "install", "unavailable_reason"]
+__all__ = [
+    "available",
+    "cpu_fused_experts_forward",
+    "cpu_linear_forward",
+    "enabled",
+    "install",
+    "set_enabled",
+    "unavailable_reason",
+]
