@@ -124,12 +124,14 @@ def test_fused_experts_fall_back_for_prefill_and_training():
 def test_model_decode_with_kernels_matches_stock_pytorch(dtype):
     model = make_model().to(dtype)
     input_ids = tokens(batch=2, length=8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # a left-padded row
+    settings = dict(attention_mask=attention_mask, max_new_tokens=32, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
     with torch.no_grad():
-        generated = model.generate(input_ids, max_new_tokens=32, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)  # fmt: skip
+        generated = model.generate(input_ids, **settings)
         with kernels.enabled(False):
-            stock = model.generate(input_ids, max_new_tokens=32, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)  # fmt: skip
+            stock = model.generate(input_ids, **settings)
     if dtype == torch.float32:  # bf16 rounds differently (the kernels accumulate in fp32), so tokens may diverge
         assert torch.equal(generated.sequences, stock.sequences)
     torch.testing.assert_close(generated.logits[0].float(), stock.logits[0].float(), atol=5e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
