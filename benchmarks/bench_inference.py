@@ -201,6 +201,8 @@ def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
     out = {}
     if ours is None:
         return out
+    if speed("mobilemoe-pytorch-ops"):
+        out["vs_pytorch_ops"] = ours / speed("mobilemoe-pytorch-ops")
     if speed("dense-pro"):
         out["vs_dense_pro"] = ours / speed("dense-pro")
     qwen = [speed(mode) for mode in results if mode.startswith("qwen2moe") and speed(mode)]
