@@ -139,16 +139,8 @@ def _run_card(args: argparse.Namespace) -> int:
 def _run_publish(args: argparse.Namespace) -> int:
     from .hub import publish
 
-    published = publish(
-        args.model,
-        args.repo_id,
-        private=args.private,
-        dry_run=args.dry_run,
-        commit_message=args.commit_message,
-        export=args.export,
-        export_quantize=args.export_quantize,
-        **_card_options(args),
-    )
+    options = {name: getattr(args, name) for name in ("private", "dry_run", "commit_message", "export", "export_quantize")}
+    published = publish(args.model, args.repo_id, **options, **_card_options(args))
     if published.folder is not None:
         files = sorted(str(path.relative_to(published.folder)) for path in published.folder.rglob("*") if path.is_file())
         print(f"dry run: wrote {published.folder} ({len(files)} files: {', '.join(files)}); nothing uploaded")
@@ -161,18 +153,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .hub import evaluate
     from .hub.evaluation import summary_lines
 
-    results = evaluate(
-        args.model,
-        args.tasks,
-        output=args.out,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        apply_chat_template=args.apply_chat_template,
-        trust_remote_code=args.trust_remote_code,
-    )
+    options = ("num_fewshot", "limit", "batch_size", "device", "dtype", "apply_chat_template", "trust_remote_code")
+    results = evaluate(args.model, args.tasks, output=args.out, **{name: getattr(args, name) for name in options})
     for line in summary_lines(results):
         print(line)
     if args.out:
@@ -301,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=lambda text: float(text) if float(text) < 1 else int(text), default=None,
         help="examples per task (a fraction of them if < 1)",
     )  # fmt: skip
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     evaluate.add_argument("--apply-chat-template", action="store_true", help="prompt chat models through their template")

@@ -2,9 +2,9 @@
 
 tokenizer (trained on the bundled corpus) -> pretraining (256-token context) -> mid-training (1024) -> SFT (chat,
 assistant-only loss) -> QAT (INT4 weights, INT8 activations; saved in the packed INT4 format) -> a loss-curve plot ->
-a chat with the INT4 model through `pipeline("text-generation")`. Each stage is the tiny
-recipe in `recipes/tiny/` run by the same runner as `mobilemoe train`; each prints its held-out metric before and
-after training.
+a chat with the INT4 model through `pipeline("text-generation")` -> lm-eval on the shipped offline task -> its model
+card and a dry-run publish folder (what `mobilemoe publish` would upload). Each stage is the tiny recipe in
+`recipes/tiny/` run by the same runner as `mobilemoe train`; each prints its held-out metric before and after training.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RECIPES = os.path.join(REPOSITORY, "recipes", "tiny")
 STAGES = ("pretrain", "midtrain", "sft", "qat")
 CHAT_PROMPTS = ("What sound does a cow make?", "How many legs does a spider have?", "What day comes after Monday?")
+DEMO_REPO_ID = "your-name/MobileMoE-tiny-demo"  # the card's snippets load from it once uploaded
 
 
 def plot_losses(stage_dirs: dict[str, str], path: str) -> None:
@@ -96,6 +97,33 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, recipes_dir: str |
     for exchange in exchanges:
         print(f"[chat]      user: {exchange['user']}\n[chat]      assistant: {exchange['assistant']}")
 
+    hub = publish_demo_model(previous, output_dir)
+
     elapsed = time.perf_counter() - start
     print(f"[done]      {elapsed:.0f}s; the INT4 chat model is in {previous}")
-    return {"stages": summaries, "loss_curve": plot_path, "chat": exchanges, "model_dir": previous, "seconds": elapsed}
+    return {
+        "stages": summaries, "loss_curve": plot_path, "chat": exchanges, "model_dir": previous, "seconds": elapsed,
+        **hub,
+    }  # fmt: skip
+
+
+def publish_demo_model(model_dir: str, output_dir: str) -> dict[str, Any]:
+    """lm-eval on the shipped offline task, then the card and the Hub-ready folder of the model, as a dry run."""
+    from .hub import LOCAL_TASK, evaluate, publish
+
+    eval_path = os.path.join(output_dir, "eval", "results.json")
+    results = evaluate(model_dir, [LOCAL_TASK], output=eval_path, batch_size=32)
+    metrics = results["results"][LOCAL_TASK]
+    print(
+        f"[eval]      lm-eval {LOCAL_TASK} ({results['n-samples'][LOCAL_TASK]['effective']} questions, chance 25.3%): "
+        f"acc {metrics['acc,none']:.3f} ± {metrics['acc_stderr,none']:.3f} -> {eval_path}"
+    )
+    hub_dir = os.path.join(output_dir, "hub")
+    folder = publish(model_dir, DEMO_REPO_ID, dry_run=hub_dir, results=eval_path).folder
+    files = sorted(name for name in os.listdir(folder))
+    print(f"[card]      model card with the eval table and model-index -> {os.path.join(hub_dir, 'README.md')}")
+    print(
+        f"[publish]   dry run: Hub-ready folder ({', '.join(files)}) -> {hub_dir}; upload with `mobilemoe publish "
+        f"--model {model_dir} --repo-id NAME/REPO --results {eval_path}`"
+    )
+    return {"eval": eval_path, "eval_accuracy": metrics["acc,none"], "hub_dir": hub_dir}

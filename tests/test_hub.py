@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fake_hub import FakeHub
 from isolation import run_without_package
 from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoEQATConfig
-from modeling_mobilemoe.cli import build_parser
+from modeling_mobilemoe.cli import build_parser, main
 from modeling_mobilemoe.hub.evaluation import task_manager
 from modeling_mobilemoe.hub import (
     LOCAL_TASK,
@@ -224,7 +224,7 @@ def test_card_snippets_run_on_a_local_folder(base_folder, qat_folder, tmp_path, 
     folder); ```bash blocks hold only the listed commands that need the network or minutes, and the `mobilemoe`
     ones parse."""
     monkeypatch.chdir(tmp_path)
-    shell, ran = [], set()
+    shell, ran, remote = [], set(), []
     for folder, variant in ((base_folder, "Base"), (qat_folder, "QAT")):
         repo_id = f"alice/tiny-{variant.lower()}"
         blocks = _code_blocks(str(render_card(folder, repo_id=repo_id, variant=variant)))
@@ -237,16 +237,19 @@ def test_card_snippets_run_on_a_local_folder(base_folder, qat_folder, tmp_path, 
             code = code.replace(repo_id, str(folder))
             if "trust_remote_code=True" in code:
                 assert "modeling_mobilemoe" not in code
-                result = run_without_package(code, cwd=tmp_path)
-            else:
-                out = io.StringIO()
-                with contextlib.redirect_stdout(out):
-                    exec(compile(code, f"<{variant} card snippet>", "exec"), {"__name__": "__main__"})
-                result = subprocess.CompletedProcess([], 0, stdout=out.getvalue())
-            assert result.stdout.strip() or "print(" not in code, f"the snippet printed nothing:\n{code}"
+                remote.append(code)
+                continue
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, f"<{variant} card snippet>", "exec"), {"__name__": "__main__"})
+            assert out.getvalue().strip() or "print(" not in code, f"the snippet printed nothing:\n{code}"
         shell += [line for lang, code in blocks if lang == "bash" for line in code.splitlines() if line.strip()]
         assert sum(lang == "bibtex" for lang, _ in blocks) == 1
     assert len(ran) == 9  # the export and evaluation blocks are the same in both cards
+    # The trust_remote_code blocks (a base model's and a chat model's), in one interpreter without the package.
+    run_all = "import json\nfor code in json.loads(sys.argv[1]):\n    exec(code, {'__name__': '__main__'})\n    print('<end>')"
+    printed = run_without_package(run_all, json.dumps(remote), cwd=tmp_path).stdout.split("<end>")
+    assert len(remote) == 2 and all(text.strip() for text in printed[:2]), printed
 
     # What the snippets made: an SFT checkpoint, packed INT4 folders, an ONNX export.
     assert (tmp_path / "mobilemoe-sft" / "model.safetensors").is_file()
@@ -290,12 +293,11 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_dry_run_folder_loads_as_remote_code_and_matches(base_folder, tmp_path):
+def test_dry_run_folder_loads_as_remote_code_and_matches(base_folder, tmp_path, capsys):
     out = tmp_path / "repo"
-    result = _cli("publish", "--model", str(base_folder), "--repo-id", "alice/tiny-base", "--dry-run", str(out),
-                  "--export", "onnx")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "nothing uploaded" in result.stdout
+    assert main(["publish", "--model", str(base_folder), "--repo-id", "alice/tiny-base", "--dry-run", str(out),
+                 "--export", "onnx"]) == 0  # fmt: skip
+    assert "nothing uploaded" in capsys.readouterr().out
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
     for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja", "configuration_mobilemoe.py", "modeling_mobilemoe.py",
@@ -345,9 +347,10 @@ def test_publish_uploads_the_folder_through_the_hub_http_api(base_folder, tmp_pa
     assert authorized and set(authorized) == {"Bearer hf_fake_token"}  # the token from HF_TOKEN
 
 
-def test_publish_cli_errors_name_the_field(tmp_path):
-    result = _cli("publish", "--model", str(tmp_path / "missing"), "--repo-id", "alice/x", "--dry-run", str(tmp_path))
-    assert result.returncode == 2 and "publish: model: no model folder" in result.stderr
+def test_publish_cli_errors_name_the_field(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["publish", "--model", str(tmp_path / "missing"), "--repo-id", "alice/x", "--dry-run", str(tmp_path)])
+    assert exit_info.value.code == 2 and "publish: model: no model folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,15 +358,15 @@ def test_publish_cli_errors_name_the_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_runs_the_local_task_offline_and_feeds_the_card(base_folder, tmp_path):
-    result = _cli("eval", "--model", str(base_folder), "--tasks", LOCAL_TASK, "--limit", "40", "--out",
-                  str(tmp_path / "eval.json"), env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_eval_cli_runs_the_local_task_offline_and_feeds_the_card(base_folder, tmp_path, capsys):
+    assert main(["eval", "--model", str(base_folder), "--tasks", LOCAL_TASK, "--limit", "40", "--out",
+                 str(tmp_path / "eval.json")]) == 0  # fmt: skip
+    stdout = capsys.readouterr().out
     results = json.loads((tmp_path / "eval.json").read_text())
     metrics = results["results"][LOCAL_TASK]
     assert 0.0 <= metrics["acc,none"] <= 1.0 and metrics["acc_stderr,none"] > 0
     assert results["n-samples"][LOCAL_TASK]["effective"] == 40 and "samples" not in results
-    assert f"{LOCAL_TASK}: acc {metrics['acc,none']:.4f}" in result.stdout
+    assert f"{LOCAL_TASK}: acc {metrics['acc,none']:.4f}" in stdout
 
     render_card(base_folder, results=tmp_path / "eval.json", repo_id="alice/tiny-base").save(tmp_path / "README.md")
     name, evals = model_index_to_eval_results(metadata_load(tmp_path / "README.md")["model-index"])

@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoETokenizer
+from modeling_mobilemoe.hub import validate_card
 from modeling_mobilemoe.tokenizer_training import shipped_tokenizer_path
 
 
@@ -47,7 +49,8 @@ def _cli(*args, cwd, timeout=600):
 def test_demo_runs_the_pipeline_and_every_stage_improves_its_heldout_metric(tmp_path):
     result = _cli("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in ("[tokenizer]", "[pretrain]", "[midtrain]", "[sft]", "[qat]", "[plot]", "[chat]      assistant:"):
+    for line in ("[tokenizer]", "[pretrain]", "[midtrain]", "[sft]", "[qat]", "[plot]", "[chat]      assistant:",
+                 "[eval]", "[card]", "[publish]"):  # fmt: skip
         assert line in result.stdout
     summaries = {
         stage: json.loads((tmp_path / "demo" / stage / "stage_summary.json").read_text())
@@ -68,6 +71,14 @@ def test_demo_runs_the_pipeline_and_every_stage_improves_its_heldout_metric(tmp_
     config = json.loads((tmp_path / "demo" / "qat" / "config.json").read_text())
     assert config["model_type"] == "mobilemoe" and "auto_map" in config
     assert config["quantization"]["format"] == "mobilemoe-int4-g32"
+    # It ends with lm-eval on the shipped task, the card and a dry-run publish folder of the INT4 model.
+    results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert results["n-samples"]["mobilemoe_toy_facts"]["effective"] == 279
+    hub = tmp_path / "demo" / "hub"
+    assert (hub / "model.safetensors").read_bytes() == (tmp_path / "demo" / "qat" / "model.safetensors").read_bytes()
+    card = validate_card(ModelCard.load(hub / "README.md"))
+    assert "int4" in card.tags and card.eval_results[0].dataset_name == "mobilemoe_toy_facts"
+    assert card.eval_results[0].metric_value == results["results"]["mobilemoe_toy_facts"]["acc,none"]
 
 
 def test_info_reports_the_paper_counts(tmp_path):

@@ -317,6 +317,10 @@ def card_info(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
 ) -> CardInfo:
+    """Resolves and checks what the card of `model_dir` says. `results`: an lm-eval results JSON (path or dict).
+    `repo_id`: where the snippets load from (default: the published repository for S/M/L, a placeholder otherwise).
+    `size` (S, M, L, custom) and `variant` (Base, SFT, QAT): detected unless given. `base_model`, `datasets`,
+    `license`: metadata (for S/M/L the published previous stage and the paper's pre-training data by default)."""
     folder = model_folder(model_dir)
     config = MobileMoEConfig.from_pretrained(folder)
     size = check_size(config, size)
@@ -363,26 +367,12 @@ def template_name(size: str, variant: str) -> str:
     return f"MobileMoE-{size}-{variant}.md"
 
 
-def render_card(
-    model_dir: str | os.PathLike,
-    *,
-    results: str | os.PathLike | dict | None = None,
-    repo_id: str | None = None,
-    size: str | None = None,
-    variant: str | None = None,
-    base_model: str | None = None,
-    datasets: list[str] | None = None,
-    license: str = "apache-2.0",
-    templates_dir: str | os.PathLike | None = None,
-) -> ModelCard:
-    """The model card of `model_dir` from the `hub_cards/` template of its size and variant (both detected unless
-    given: the shape from the config, QAT from a quantized config, Base/SFT from `stage_summary.json`), with
-    `results` (an lm-eval results JSON) in its evaluation table and `model-index`. `repo_id` is the repository the
-    usage snippets load from."""
-    info = card_info(
-        model_dir, results=results, repo_id=repo_id, size=size, variant=variant, base_model=base_model,
-        datasets=datasets, license=license,
-    )  # fmt: skip
+def render_card(model_dir: str | os.PathLike, *, templates_dir: str | os.PathLike | None = None, **options) -> ModelCard:
+    """The model card of `model_dir` from the `hub_cards/` template (or `templates_dir`'s) of its size and variant.
+    `options` are `card_info`'s: `results` (an lm-eval results JSON) fills the evaluation table and `model-index`,
+    `repo_id` is the repository the usage snippets load from; size and variant are detected unless given (the shape
+    from the config, QAT from a quantized config, Base/SFT from `stage_summary.json`)."""
+    info = card_info(model_dir, **options)
     templates = Path(templates_dir) if templates_dir is not None else TEMPLATES_DIR
     if not (templates / template_name(info.size, info.variant)).is_file():
         raise ValueError(

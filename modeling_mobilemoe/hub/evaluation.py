@@ -73,7 +73,7 @@ def evaluate(
     output: str | os.PathLike | None = None,
     num_fewshot: int | None = None,
     limit: int | float | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     device: str = "cpu",
     dtype: str = "auto",
     apply_chat_template: bool = False,

@@ -119,38 +119,20 @@ def categories() -> list[tuple[str, list[tuple[str, str, str]]]]:
         )
     )  # fmt: skip
     days, months = C.DAYS, C.MONTHS
-    out.append(
-        (
-            "day_after",
-            [
-                (f"What day comes after {days[i]}?", days[(i + 1) % 7],
-                 rf"Today is {days[i]}\. Yesterday was \w+ and tomorrow will be {days[(i + 1) % 7]}\.",
-                 lambda v, i=i: f"The day after {days[i]} is {v}.")
-                for i in range(7)
-            ],
-        )
-    )  # fmt: skip
-    out.append(
-        (
-            "day_before",
-            [
-                (f"What day comes before {days[i]}?", days[i - 1], rf"Today is {days[i]}\. Yesterday was {days[i - 1]} ",
-                 lambda v, i=i: f"The day before {days[i]} is {v}.")
-                for i in range(7)
-            ],
-        )
-    )  # fmt: skip
-    out.append(
-        (
-            "month_after",
-            [
-                (f"What month comes after {months[i]}?", months[(i + 1) % 12],
-                 rf"{months[i]} comes after \w+ and before {months[(i + 1) % 12]}\.",
-                 lambda v, i=i: f"The month after {months[i]} is {v}.")
-                for i in range(12)
-            ],
-        )
-    )  # fmt: skip
+    # The neighbours of a day or month: (category, names, unit, direction, step, evidence of item i).
+    for category, names, unit, direction, step, evidence in (
+        ("day_after", days, "day", "after", 1,
+         lambda i: rf"Today is {days[i]}\. Yesterday was \w+ and tomorrow will be {days[(i + 1) % 7]}\."),
+        ("day_before", days, "day", "before", -1, lambda i: rf"Today is {days[i]}\. Yesterday was {days[i - 1]} "),
+        ("month_after", months, "month", "after", 1,
+         lambda i: rf"{months[i]} comes after \w+ and before {months[(i + 1) % 12]}\."),
+    ):  # fmt: skip
+        items = [
+            (f"What {unit} comes {direction} {names[i]}?", names[(i + step) % len(names)], evidence(i),
+             lambda v, i=i, names=names, unit=unit, direction=direction: f"The {unit} {direction} {names[i]} is {v}.")
+            for i in range(len(names))
+        ]  # fmt: skip
+        out.append((category, items))
     out.append(
         (
             "month_days",
@@ -161,28 +143,14 @@ def categories() -> list[tuple[str, list[tuple[str, str, str]]]]:
             ],
         )
     )  # fmt: skip
-    out.append(
-        (
-            "shape_sides",
-            [
-                (f"How many sides does {a(shape)} have?", C.words(sides),
-                 rf"{re.escape(C.cap(a(shape)))} has {C.words(sides)} sides\.",
-                 lambda v, shape=shape: f"{C.cap(a(shape))} has {v} sides.")
-                for shape, sides in C.SHAPES
-            ],
-        )
-    )  # fmt: skip
-    out.append(
-        (
-            "vehicle_wheels",
-            [
-                (f"How many wheels does {a(vehicle)} have?", C.words(wheels),
-                 rf"{re.escape(C.cap(a(vehicle)))} has {C.words(wheels)} wheels\.",
-                 lambda v, vehicle=vehicle: f"{C.cap(a(vehicle))} has {v} wheels.")
-                for vehicle, wheels in C.VEHICLES
-            ],
-        )
-    )  # fmt: skip
+    for category, table, noun in (("shape_sides", C.SHAPES, "sides"), ("vehicle_wheels", C.VEHICLES, "wheels")):
+        items = [
+            (f"How many {noun} does {a(thing)} have?", C.words(count),
+             rf"{re.escape(C.cap(a(thing)))} has {C.words(count)} {noun}\.",
+             lambda v, thing=thing, noun=noun: f"{C.cap(a(thing))} has {v} {noun}.")
+            for thing, count in table
+        ]  # fmt: skip
+        out.append((category, items))
     out.append(
         (
             "job_does",
