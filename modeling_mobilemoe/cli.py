@@ -172,7 +172,10 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--base-model", help="Hub id of the model this one was trained from (card metadata)")
     parser.add_argument("--dataset", action="append", help="Hub id of a training dataset (repeat; card metadata)")
-    parser.add_argument("--license", default="apache-2.0", help="license identifier of the weights (card metadata)")
+    parser.add_argument(
+        "--license", default=None,
+        help="license id of the weights (card metadata; default: other for S/M/L, Meta's terms; apache-2.0 otherwise)",
+    )  # fmt: skip
     parser.add_argument("--templates", default=None, help="folder of card templates (default: the repository's hub_cards/)")
 
 
@@ -247,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     card = subparsers.add_parser("card", help="render the model card (README.md) of a model folder from hub_cards/")
     card.add_argument("--model", required=True, help="a model folder")
-    card.add_argument("--out", default="README.md", help="where to write the card")
+    card.add_argument("--out", required=True, help="where to write the card (e.g. DIR/README.md)")
     card.add_argument("--repo-id", default=None, help="the Hub repository the card's snippets load (namespace/name)")
     _add_card_arguments(card)
     card.set_defaults(func=_run_card)

@@ -125,6 +125,7 @@ def test_published_cards_fill_the_architecture_and_keep_the_paper_apart(size, tm
         expected_base = {"Base": None, "SFT": f"facebook/MobileMoE-{size}-Base", "QAT": f"facebook/MobileMoE-{size}-SFT"}
         assert data.base_model == expected_base[variant]
         assert "allenai/olmo-mix-1124" in data.datasets
+        assert data.license == "other" and data.license_link == f"https://huggingface.co/facebook/MobileMoE-{size}-{variant}"
         assert ("int4" in data.tags) == (variant == "QAT") and "custom_code" in data.tags
         # The paper's numbers are there, labelled, and not in the model-index (nothing was measured).
         assert "### Reported in the paper (not measured on this checkpoint)" in text

@@ -276,7 +276,7 @@ def training_run(summary: dict[str, Any] | None) -> dict[str, str] | None:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     metrics = []
     for name, value in after.items():
-        if _is_number(value) and not name.endswith("_bytes"):
+        if isinstance(value, float) and math.isfinite(value):  # counts such as saved bytes are not metrics
             previous = before.get(name)
             metrics.append(f"{name} {previous:.3f} -> {value:.3f}" if _is_number(previous) else f"{name} {value:.3f}")
     loss = summary.get("train_loss")
@@ -315,12 +315,13 @@ def card_info(
     variant: str | None = None,
     base_model: str | None = None,
     datasets: list[str] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
 ) -> CardInfo:
     """Resolves and checks what the card of `model_dir` says. `results`: an lm-eval results JSON (path or dict).
     `repo_id`: where the snippets load from (default: the published repository for S/M/L, a placeholder otherwise).
     `size` (S, M, L, custom) and `variant` (Base, SFT, QAT): detected unless given. `base_model`, `datasets`,
-    `license`: metadata (for S/M/L the published previous stage and the paper's pre-training data by default)."""
+    `license`: metadata (for S/M/L by default the published previous stage, the paper's pre-training data and `other`:
+    the gated repositories' terms; otherwise no base model or datasets, and apache-2.0)."""
     folder = model_folder(model_dir)
     config = MobileMoEConfig.from_pretrained(folder)
     size = check_size(config, size)
@@ -328,6 +329,8 @@ def card_info(
     if repo_id is None:
         repo_id = published_repo_id(size, variant) if size in PUBLISHED_SIZES else f"your-name/MobileMoE-{variant}"
     check_repo_id(repo_id)
+    if license is None:
+        license = "other" if size in PUBLISHED_SIZES else "apache-2.0"
     if size in PUBLISHED_SIZES:
         if base_model is None and variant != "Base":
             base_model = published_repo_id(size, "Base" if variant == "SFT" else "SFT")
@@ -343,6 +346,13 @@ def card_info(
                     source)  # fmt: skip
 
 
+def license_link(info: CardInfo) -> str | None:
+    """`license: other` on a published size means the gated repository's terms."""
+    if info.license == "other" and info.size in PUBLISHED_SIZES:
+        return f"https://huggingface.co/{published_repo_id(info.size, info.variant)}"
+    return None
+
+
 def card_metadata(info: CardInfo) -> ModelCardData:
     tags = ["mobilemoe", "mixture-of-experts", "moe", "on-device", "custom_code"]
     if info.variant != "Base":
@@ -353,6 +363,8 @@ def card_metadata(info: CardInfo) -> ModelCardData:
     return ModelCardData(
         language=["en"],
         license=info.license,
+        license_name="mobilemoe" if license_link(info) else None,
+        license_link=license_link(info),
         library_name="transformers",
         pipeline_tag="text-generation",
         base_model=info.base_model,
@@ -392,7 +404,7 @@ def render_card(model_dir: str | os.PathLike, *, templates_dir: str | os.PathLik
         published=info.size in PUBLISHED_SIZES,
         base_model=info.base_model,
         license=info.license,
-        license_link=None,
+        license_link=license_link(info),
         arch=architecture(info.config, info.folder),
         run=training_run(stage_summary(info.folder)),
         results=[measured.row() for measured in info.measured],

@@ -12,10 +12,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "eval"
 LOCAL_TASK = "mobilemoe_toy_facts"
