@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_modeling import make_model, tokens
+from test_modeling import make_model, run_experts, tokens
 
 from modeling_mobilemoe import kernels
 
@@ -43,6 +43,10 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd():
     kernels.install(layer)
     calls = []
     with torch.no_grad():
+        with torch.profiler.profile() as profile:
+            layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))  # bf16: PyTorch's gemv (measured faster)
+        assert not any(event.name == "mobilemoe_cpu::linear" for event in profile.events())
+        layer.float()
         for rows in (1, kernels.MAX_LINEAR_ROWS, kernels.MAX_LINEAR_ROWS + 1):
             x = torch.randn(rows, 64)
             with torch.profiler.profile() as profile:
@@ -90,13 +94,9 @@ def test_fused_experts_match_eager(dtype, num_tokens):
     # Repeated experts across tokens, most experts idle, and a tie in the routing weights.
     top_k_index = torch.tensor([[3, 5], [5, 3], [3, 0], [7, 5]])[:num_tokens]
     top_k_weights[0, 1] = top_k_weights[0, 0]
-    with torch.no_grad():
-        experts.config._experts_implementation = "eager"
-        eager = experts(hidden, top_k_index, top_k_weights).float()
-        experts.config._experts_implementation = "cpu_fused"
-        fused = experts(hidden, top_k_index, top_k_weights)
+    fused, eager = run_experts(experts, ("cpu_fused", "eager"), hidden, top_k_index, top_k_weights)
     assert fused.dtype == dtype
-    torch.testing.assert_close(fused.float(), eager, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(fused.float(), eager.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_fused_experts_reject_out_of_range_experts():

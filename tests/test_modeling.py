@@ -312,15 +312,20 @@ def test_sorted_mm_matches_eager_for_decode_and_prefill_shapes(dtype, num_tokens
     """Single-token decode, a few tokens, and enough rows per expert to take the bf16 upcast path."""
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
-    scores = torch.rand(num_tokens, 8)
-    top_k_weights, top_k_index = scores.topk(2, dim=-1)
-    with torch.no_grad():
-        experts.config._experts_implementation = "eager"
-        eager = experts(hidden, top_k_index, top_k_weights).float()
-        experts.config._experts_implementation = "sorted_mm"
-        fast = experts(hidden, top_k_index, top_k_weights).float()
+    top_k_weights, top_k_index = torch.rand(num_tokens, 8).topk(2, dim=-1)
+    fast, eager = run_experts(experts, ("sorted_mm", "eager"), hidden, top_k_index, top_k_weights)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fast, eager, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(fast.float(), eager.float(), atol=tolerance, rtol=tolerance)
+
+
+def run_experts(experts, implementations, *inputs) -> list[torch.Tensor]:
+    """The experts module's output under each experts implementation, without autograd."""
+    outputs = []
+    with torch.no_grad():
+        for implementation in implementations:
+            experts.config._experts_implementation = implementation
+            outputs.append(experts(*inputs))
+    return outputs
 
 
 def test_sorted_mm_gradients_match_eager():

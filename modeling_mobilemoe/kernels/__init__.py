@@ -1,18 +1,17 @@
 """CPU decode kernels: a streaming linear and a fused routed-experts operator for inputs of a few rows.
 
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads fp32 weights
-at about half of this machine's read bandwidth and bf16 ones (no native bf16 here) at a quarter. `cpu_decode.cpp`
-streams both at close to the read bandwidth (`benchmarks/bench_inference.py` measures the model end to end). The
-kernels are compiled the first time a model needs them (`torch.utils.cpp_extension`, cached per machine; about
-30 s) and registered as the `torch.ops.mobilemoe_cpu` operators, with fake implementations so `torch.compile`
-keeps them as opaque nodes.
+at about half of this machine's read bandwidth. `cpu_decode.cpp` streams them at close to it, and runs the routed
+experts of a layer (fp32 or bf16) as one operator that reads only the selected experts' rows
+(`benchmarks/bench_inference.py` measures the model end to end). The kernels are compiled the first time a model
+needs them (`torch.utils.cpp_extension`, cached per machine; about 30 s) and registered as the
+`torch.ops.mobilemoe_cpu` operators, with fake implementations so `torch.compile` keeps them as opaque nodes.
 
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
-`nn.Linear` layers run `cpu_linear_forward` (rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel; bf16
+`nn.Linear` layers run `cpu_linear_forward` (fp32 rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel; bf16
 inputs of more rows run in float32 on CPUs without native bf16 matmul; everything else is `F.linear`), and the
 default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation (also selectable as
-`experts_implementation="cpu_fused"`). Exported programs
-(`torch.export`, ONNX) never contain these operators. `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as
+`experts_implementation="cpu_fused"`). Exported programs (`torch.export`, ONNX) never contain these operators. `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as
 Hub remote code has none of this and runs on stock PyTorch ops.
 """
 
@@ -42,6 +41,9 @@ MAX_LINEAR_ROWS = 4
 # Up to this many (token, expert) slots the experts of a layer run in the fused operator (batch-4 decode at top-4).
 MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# The linear kernel runs fp32 only: its bf16 variant measured no faster than PyTorch's bf16 gemv here (0.91x on the
+# full S decode, dominated by the LM head; `benchmarks/results/inference_S.json`), while the fused experts gain in both.
+LINEAR_KERNEL_DTYPES = (torch.float32,)
 
 _state: dict[str, object] = {"loaded": False, "reason": None, "enabled": True}
 
@@ -122,7 +124,8 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     inputs of more rows in float32 where the CPU has no native half-precision matmul (as `sorted_mm` does for the
     experts: the upcast costs one pass over the weight, the half-precision GEMM falls off oneDNN's fast kernels)."""
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
-    if _kernel_applies(input, self.weight) and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
+    streamed = input.dtype in LINEAR_KERNEL_DTYPES and _kernel_applies(input, self.weight)
+    if streamed and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
     if (
         _state["enabled"]
