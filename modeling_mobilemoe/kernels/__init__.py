@@ -11,8 +11,9 @@ Importing the package installs them on every MobileMoE model it builds (`MODEL_I
 `nn.Linear` layers run `cpu_linear_forward` (fp32 rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel; bf16
 inputs of more rows run in float32 on CPUs without native bf16 matmul; everything else is `F.linear`), and the
 default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation (also selectable as
-`experts_implementation="cpu_fused"`). Exported programs (`torch.export`, ONNX) never contain these operators. `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as
-Hub remote code has none of this and runs on stock PyTorch ops.
+`experts_implementation="cpu_fused"`). Exported programs (`torch.export`, ONNX) never contain these operators.
+`MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
+PyTorch ops.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 //
 // At one to a few tokens, a linear is a matrix-vector product whose time is streaming the weight from DRAM. PyTorch
 // runs it through its BLAS, which on the 2-core AVX2 machine this package is benchmarked on reads fp32 weights at
-// about half of the measured read bandwidth and bf16 weights at a quarter (no native bf16 there). These kernels read
-// each weight row once, eight lanes at a time with four rows in flight, and widen bf16 to fp32 in registers, so both
-// dtypes stream at close to the machine's read bandwidth. Accumulation is fp32. AVX2 + FMA; the Python side only
-// calls them where `torch.backends.cpu.get_cpu_capability()` reports at least AVX2.
+// about half of the measured read bandwidth. These kernels read each weight row once, eight lanes at a time with four
+// rows in flight (bf16 widened to fp32 in registers), accumulating in fp32. AVX2 + FMA; the Python side only calls
+// them where `torch.backends.cpu.get_cpu_capability()` reports at least AVX2, and the linear for fp32 only (bf16
+// measured no faster than PyTorch's bf16 gemv there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
