@@ -109,9 +109,14 @@ def _register_fakes() -> None:
         return torch.empty_like(hidden_states)
 
 
+def _cpu_outside_export(input: torch.Tensor) -> bool:
+    """This module's paths are on, `input` is on the CPU, and no program is being exported (those keep stock ops)."""
+    return _state["enabled"] and input.device.type == "cpu" and not torch.compiler.is_exporting()
+
+
 def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor) -> bool:
     """The kernels are inference-only, for CPU tensors of one supported dtype, and never go into exported programs."""
-    if not _state["enabled"] or input.device.type != "cpu" or torch.compiler.is_exporting():
+    if not _cpu_outside_export(input):
         return False
     if torch.is_grad_enabled() and (input.requires_grad or any(weight.requires_grad for weight in weights)):
         return False
@@ -128,13 +133,8 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     streamed = input.dtype in LINEAR_KERNEL_DTYPES and _kernel_applies(input, self.weight)
     if streamed and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
-    if (
-        _state["enabled"]
-        and input.device.type == "cpu"
-        and not torch.compiler.is_exporting()
-        and _half_matmul_is_slow(input.dtype)
-        and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]
-    ):
+    upcast = _cpu_outside_export(input) and _half_matmul_is_slow(input.dtype)
+    if upcast and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]:
         bias = None if self.bias is None else self.bias.float()
         return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
     return F.linear(input, self.weight, self.bias)
