@@ -10,8 +10,10 @@ through exactly the same exporter and kernels. Activations: ONNX Runtime's MatMu
 8da4w linears quantize them to INT8 per token. Each (model, runtime) pair is measured in a fresh process, batch 1:
 - prefill: one call over `--prefill` tokens from an empty cache (median of `--repeats`);
 - decode: one-token calls after a `--context`-token prefill (median of `--decode-steps`);
-- peak RSS of that process; with `--long-context N` (ONNX), also the peak RSS and decode speed after a prefill of N
-  tokens of the bundled long documents (real text through the bundled tokenizer, in 1024-token chunks).
+- peak RSS of that process; with `--long-context N`, also the peak RSS and decode speed after a prefill of N tokens of
+  the bundled long documents (real text through the bundled tokenizer, in 1024-token chunks).
+ExecuTorch programs take at most `--max-chunk` tokens a call (the runner prefills longer prompts in chunks, as
+ExecuTorch's LLM runner does) and attend through ExecuTorch's `custom_sdpa` unless `--sdpa stock`.
 Writes JSON and a PNG next to the other results, prints a table.
 """
 
@@ -60,9 +62,14 @@ def export_one(name: str, runtime: str, args, folder: Path) -> dict:
     }
     torch.manual_seed(0)
     model = MobileMoEForCausalLM._from_config(config, dtype=torch.float32)
-    max_seq_len = max(args.long_context if runtime == "onnx" else 0, max(args.prefill), args.context) + args.decode_steps + 2
+    max_seq_len = min(max(args.long_context, max(args.prefill), args.context) + args.decode_steps + 2,
+                      config.max_position_embeddings)  # fmt: skip
+    options = {"custom_sdpa": args.sdpa == "custom", "max_chunk": args.max_chunk} if runtime == "executorch" else {}
     start = time.perf_counter()
-    path = export_model(model, folder, format=runtime, quantize="8da4w", max_seq_len=min(max_seq_len, config.max_position_embeddings))
+    path = export_model(
+        model, folder, format=runtime, quantize="8da4w", max_seq_len=max_seq_len,
+        **options,
+    )  # fmt: skip
     return {
         "export_s": time.perf_counter() - start,
         "file_mib": sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(path.name)) / 2**20,
@@ -146,11 +153,13 @@ def measure(runtime: str, folder: Path, args) -> dict:
         steps = timed(session.step, args.decode_steps)
         result["decode"] = {**steps, "context": args.context, "tok_s": 1 / steps["median_s"]}
     result["peak_rss_gib"] = rss.peak / 2**30
-    if args.long_context and runtime == "onnx":
+    if args.long_context:
+        max_seq_len = json.loads((folder / "export_config.json").read_text())["max_seq_len"]
+        long_context = min(args.long_context, max_seq_len - args.decode_steps)  # room for the decode steps
         with PeakRSS() as rss:
-            session.prefill(long_prompt(args.long_context, vocab), chunk=CHUNK)
+            session.prefill(long_prompt(long_context, vocab), chunk=CHUNK)
             steps = timed(session.step, max(2, args.decode_steps // 4))
-        result["long_context"] = {"context": args.long_context, "peak_rss_gib": rss.peak / 2**30,
+        result["long_context"] = {"context": long_context, "peak_rss_gib": rss.peak / 2**30,
                                   "decode_tok_s": 1 / steps["median_s"]}  # fmt: skip
     return result
 
@@ -163,7 +172,10 @@ def main() -> None:
     parser.add_argument("--prefill", nargs="+", type=int, default=[128, 512, 1024])
     parser.add_argument("--context", type=int, default=1024, help="tokens in the cache while decoding")
     parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--long-context", type=int, default=0, help="also peak RSS at this context (ONNX)")
+    parser.add_argument("--long-context", type=int, default=0, help="also peak RSS and decode at this context")
+    parser.add_argument("--sdpa", default="custom", choices=["custom", "stock"],
+                        help="ExecuTorch attention: its custom_sdpa (default) or transformers' SDPA over the static cache")
+    parser.add_argument("--max-chunk", type=int, default=None, help="ExecuTorch: most tokens per call (default 128)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
@@ -183,7 +195,10 @@ def main() -> None:
             folder = work / f"{runtime}_{name}"
             entry = export_one(name, runtime, args, folder)
             child = [sys.executable, __file__, "--child", runtime, str(folder), *sys.argv[1:]]
-            output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+            finished = subprocess.run(child, capture_output=True, text=True)
+            if finished.returncode:
+                raise RuntimeError(f"measuring {runtime} {name} failed:\n{finished.stderr[-3000:]}")
+            output = finished.stdout
             entry.update(json.loads(output.strip().splitlines()[-1]))
             report["results"][runtime][name] = entry
             print(f"{runtime:<11} {name:<10} export {entry['export_s']:6.0f} s  file {entry['file_mib']:7.0f} MiB  "

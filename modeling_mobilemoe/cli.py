@@ -92,9 +92,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import export_model, greedy_with_pytorch, load_runner, reference_model
 
     options = {"quantize": args.quantize, "max_seq_len": args.max_seq_len}
-    for name in ("max_batch", "experts"):
+    for name in ("max_batch", "experts", "max_chunk"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.sdpa is not None:
+        options["custom_sdpa"] = args.sdpa == "custom"
     path = export_model(args.model, args.out, format=args.format, target=args.target, **options)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if args.check_tokens:
@@ -234,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     export.add_argument("--max-seq-len", type=int, default=None, help="positions the export holds (default: the model's)")
     export.add_argument("--max-batch", type=int, default=None, help="largest batch (ExecuTorch: 1; ONNX default: 8)")
+    export.add_argument(
+        "--max-chunk", type=int, default=None,
+        help="ExecuTorch: most tokens one call takes (default 128); longer prompts are prefilled in chunks",
+    )  # fmt: skip
+    export.add_argument(
+        "--sdpa", default=None, choices=["custom", "stock"],
+        help="ExecuTorch attention: its custom_sdpa over the filled cache positions (default) or transformers' SDPA",
+    )  # fmt: skip
     export.add_argument(
         "--target", default=None,
         help="ExecuTorch: xnnpack (default, runs on any CPU) or arm (fused llama::quantized_moe_ffn); ONNX: cpu",

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 MAX_SEQ_LEN = 64
+CHUNK = 4  # the float ExecuTorch export takes 4 tokens a call: the 10-token prompts are prefilled in chunks
 NEW_TOKENS = 32
 
 
@@ -95,13 +96,15 @@ def onnx_packed(packed_folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def executorch_float(float_folder, tmp_path_factory):
-    return export_executorch(float_folder, tmp_path_factory.mktemp("et_float"), max_seq_len=MAX_SEQ_LEN).parent
+    out = tmp_path_factory.mktemp("et_float")
+    return export_executorch(float_folder, out, max_seq_len=MAX_SEQ_LEN, max_chunk=CHUNK).parent
 
 
 @pytest.fixture(scope="module")
 def executorch_int4(qat_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("et_int4")
-    return export_executorch(qat_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN).parent
+    # transformers' SDPA over the static cache here (`custom_sdpa=False`), ExecuTorch's custom_sdpa in the float one.
+    return export_executorch(qat_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN, custom_sdpa=False).parent
 
 
 def test_onnx_float_generates_as_pytorch(onnx_float, float_folder):
@@ -186,7 +189,8 @@ def test_executorch_float_generates_as_pytorch(executorch_float, float_folder):
     runner = ExecuTorchRunner(executorch_float)
     _check_greedy(runner, float_folder, "none", atol=1e-4)
     config = MobileMoEConfig.from_pretrained(float_folder)
-    assert runner.metadata["get_max_seq_len"] == MAX_SEQ_LEN
+    assert runner.metadata["get_max_context_len"] == MAX_SEQ_LEN
+    assert runner.metadata["get_max_seq_len"] == runner.export_config.max_chunk == CHUNK
     assert runner.metadata["get_vocab_size"] == config.vocab_size
     assert runner.metadata["get_eos_ids"] == config.eos_token_id
     assert runner.metadata["use_kv_cache"] is True and runner.metadata["enable_dynamic_shape"] is True
@@ -195,6 +199,23 @@ def test_executorch_float_generates_as_pytorch(executorch_float, float_folder):
 def test_executorch_int4_from_a_qat_checkpoint(executorch_int4, qat_folder):
     # INT8 dynamic activations (XNNPACK's 8da4w kernels) against the INT4-weight model with float activations.
     _check_greedy(ExecuTorchRunner(executorch_int4), qat_folder, "8da4w", atol=0.2)
+
+
+def _program_operators(folder) -> set[str]:
+    """The operators the program's `forward` calls outside its XNNPACK delegates, as ExecuTorch names them."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary((folder / "model.pte").read_bytes()).program
+    (forward,) = [plan for plan in program.execution_plan if plan.name == "forward"]
+    return {operator.name for operator in forward.operators}
+
+
+def test_executorch_programs_use_executorchs_llm_ops(executorch_float, executorch_int4):
+    custom, stock = _program_operators(executorch_float), _program_operators(executorch_int4)
+    # The KV cache is written and read in place by ExecuTorch's LLM ops, not attended as a whole under a mask.
+    assert {"llama::update_cache", "llama::custom_sdpa"} <= custom
+    assert not any(name.startswith("llama::") for name in stock)
+    assert "quantized_decomposed::embedding_4bit" in stock and "quantized_decomposed::embedding_4bit" not in custom
 
 
 def test_exported_experts_read_only_the_gathered_experts(packed_folder):
@@ -215,7 +236,8 @@ def test_exported_experts_read_only_the_gathered_experts(packed_folder):
         users = [user for node in frontier for user in node.users]
         uses |= {user.target for user in users if user.target not in views}
         frontier = [user for user in users if user.target in views]
-    assert uses == {torch.ops.aten.embedding.default}  # row gathers of the selected experts
+    # Row gathers of the selected experts, dequantized by ExecuTorch's INT4 embedding kernel.
+    assert uses == {torch.ops.quantized_decomposed.embedding_4bit.dtype}
 
 
 def test_runner_refuses_sequences_longer_than_the_export(onnx_float, executorch_float):
@@ -226,6 +248,8 @@ def test_runner_refuses_sequences_longer_than_the_export(onnx_float, executorch_
         OnnxRunner(onnx_float).generate(_prompt(100, batch=9), 2)
     with pytest.raises(ValueError, match="batch 1"):
         ExecuTorchRunner(executorch_float).generate(_prompt(100, batch=2), 2)
+    with pytest.raises(ValueError, match="would end at 65"):  # a call past the static cache, not a runtime abort
+        ExecuTorchRunner(executorch_float).forward(_prompt(100, length=2), MAX_SEQ_LEN - 1)
 
 
 def test_load_runner_picks_the_format(onnx_float, executorch_float, float_folder):
@@ -248,6 +272,9 @@ def test_load_runner_picks_the_format(onnx_float, executorch_float, float_folder
         ({"format": "executorch", "max_batch": 4}, "max_batch"),
         ({"format": "executorch", "target": "arm"}, "llama::quantized_moe_ffn"),
         ({"format": "executorch", "target": "gpu"}, "target: 'gpu'"),
+        ({"format": "executorch", "max_seq_len": 48, "max_chunk": 48}, "max_chunk: 48"),
+        ({"format": "executorch", "experts": "qmoe"}, "experts: an option of the onnx export only"),
+        ({"format": "onnx", "max_chunk": 16}, "max_chunk: an option of the executorch export only"),
     ],
 )
 def test_unsupported_options_fail_clearly(float_folder, tmp_path, options, message):

@@ -21,6 +21,7 @@ from .common import (
 )
 
 EXPORT_FORMATS = ("executorch", "onnx")
+_FORMAT_ONLY_OPTIONS = {"max_chunk": "executorch", "custom_sdpa": "executorch", "experts": "onnx"}
 _LAZY = {
     "ExecuTorchRunner": ".executorch",
     "export_executorch": ".executorch",
@@ -37,6 +38,9 @@ def __getattr__(name: str):
 
 def export_model(model, output_dir: str | Path, *, format: str, target: str | None = None, **options) -> Path:
     """Exports to `format` (one of `EXPORT_FORMATS`); `options` are the format exporter's keyword arguments."""
+    for option, owner in _FORMAT_ONLY_OPTIONS.items():
+        if option in options and format in EXPORT_FORMATS and format != owner:
+            raise ValueError(f"{option}: an option of the {owner} export only, not of {format}.")
     if format == "executorch":
         return __getattr__("export_executorch")(model, output_dir, target=target or "xnnpack", **options)
     if format == "onnx":

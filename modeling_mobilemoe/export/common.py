@@ -29,6 +29,7 @@ class ExportConfig:
     target: str
     program: str
     experts: str  # "float", "packed" (the published INT4 tensors) or "qmoe" (ONNX Runtime's fused op)
+    max_chunk: int | None = None  # most tokens one call takes (ExecuTorch); None: any length
 
     def save(self, folder: Path) -> None:
         (folder / EXPORT_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
