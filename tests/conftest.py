@@ -5,6 +5,13 @@ import sys
 # Test helpers (the independent reference implementation) are imported as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest-xdist worker per CPU: each runs torch (and the processes it starts) on one thread, so the workers
+    # share the cores instead of oversubscribing them (two threads each measured no faster than one worker).
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):
