@@ -8,7 +8,8 @@ linear, expert and the embedding, the MoE as the sparse `tiled_mm` path. The den
 (30 layers, hidden 1280, 20/4 heads, FFN 6144, vocab 202048, tied) written as an all-dense MobileMoE config, so it goes
 through exactly the same exporter and kernels. Activations: ONNX Runtime's MatMulNBits computes in fp32; XNNPACK's
 8da4w linears quantize them to INT8 per token. Each (model, runtime) pair is measured in a fresh process, batch 1:
-- prefill: one call over `--prefill` tokens from an empty cache (median of `--repeats`);
+- prefill: `--prefill` tokens from an empty cache, in one call (ExecuTorch: calls of `--max-chunk`) (median of
+  `--repeats`);
 - decode: one-token calls after a `--context`-token prefill (median of `--decode-steps`);
 - peak RSS of that process; with `--long-context N`, also the peak RSS and decode speed after a prefill of N tokens of
   the bundled long documents (real text through the bundled tokenizer, in 1024-token chunks).

@@ -274,7 +274,8 @@ def export_executorch(
 
 
 class ExecuTorchRunner:
-    """Runs an exported folder with ExecuTorch's Python runtime: prefill in one call, then one call per token."""
+    """Runs an exported folder with ExecuTorch's Python runtime: prefill in calls of at most `max_chunk` tokens, then
+    one call per token."""
 
     def __init__(self, folder: str | Path):
         # The kernels of ExecuTorch's INT4 embedding and LLM ops (custom_sdpa, update_cache), for the runtime too.
@@ -300,9 +301,10 @@ class ExecuTorchRunner:
                 f"max_seq_len: the export holds {self.export_config.max_seq_len} positions; {input_ids.shape[1]} "
                 f"tokens at position {start_position} would end at {start_position + input_ids.shape[1]}."
             )
+        chunk_size = self.export_config.max_chunk or input_ids.shape[1]  # None (older exports): any length
         logits = []
-        for start in range(0, input_ids.shape[1], self.export_config.max_chunk):
-            chunk = input_ids[:, start : start + self.export_config.max_chunk]
+        for start in range(0, input_ids.shape[1], chunk_size):
+            chunk = input_ids[:, start : start + chunk_size]
             positions = torch.arange(start_position + start, start_position + start + chunk.shape[1])
             logits.append(self.method.execute([chunk, positions])[0])
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)

@@ -3,7 +3,8 @@
 Every weight the `mobilemoe-int4-g32` format quantizes gets its published `(qweight, scale)` pair (uint8, two values
 per byte, low nibble first; fp16 scales per group of 32 along the last dimension; experts `[E, in, out]`, grouped
 along `out`). A model loaded from a packed checkpoint keeps the checkpoint's own pairs, so its export carries them
-byte for byte, whatever rule made them; other weights are quantized with the format's rule (post-training
+byte for byte (ExecuTorch's experts and embedding: the same values re-encoded in its nibble order), whatever rule
+made them; other weights are quantized with the format's rule (post-training
 quantization; idempotent, so a QAT model's weights come back unchanged).
 
 The experts and the embedding read only what a token needs, and dequantize just that: the embedding its rows, the
