@@ -156,10 +156,11 @@ def measure(runtime: str, folder: Path, args) -> dict:
     result["peak_rss_gib"] = rss.peak / 2**30
     if args.long_context:
         max_seq_len = json.loads((folder / "export_config.json").read_text())["max_seq_len"]
-        long_context = min(args.long_context, max_seq_len - args.decode_steps)  # room for the decode steps
+        long_steps = max(2, args.decode_steps // 4)
+        long_context = min(args.long_context, max_seq_len - long_steps)  # room for the decode steps
         with PeakRSS() as rss:
             session.prefill(long_prompt(long_context, vocab), chunk=CHUNK)
-            steps = timed(session.step, max(2, args.decode_steps // 4))
+            steps = timed(session.step, long_steps)
         result["long_context"] = {"context": long_context, "peak_rss_gib": rss.peak / 2**30,
                                   "decode_tok_s": 1 / steps["median_s"]}  # fmt: skip
     return result

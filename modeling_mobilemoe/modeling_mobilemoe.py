@@ -355,9 +355,9 @@ def sorted_experts(
 ) -> torch.Tensor:
     """Sparse experts for CPU inference and training: the (token, expert) slots are sorted by expert and each expert
     that received tokens runs one matmul pair on its contiguous rows (a grouped GEMM); unselected experts cost nothing.
-    Compiled graphs and accelerators use transformers' traceable `batched_mm` (few slots) or `grouped_mm`; exported
-    programs `batched_mm` at any length (a size test would constrain the exported sequence length; this package's
-    exporters select `tiled_mm`, which needs `Dim.AUTO`, instead).
+    CPU training (not QAT, not slow half precision), compiled graphs and accelerators use transformers' traceable
+    `batched_mm` (few slots) or `grouped_mm`; exported programs `batched_mm` at any length (a size test would
+    constrain the exported sequence length; this package's exporters select `tiled_mm`, which needs `Dim.AUTO`).
     """
     num_tokens, hidden_dim = hidden_states.shape
     num_slots = top_k_index.numel()
@@ -368,6 +368,12 @@ def sorted_experts(
     if (torch.compiler.is_compiling() or hidden_states.device.type != "cpu") and not quantized:
         fallback = "batched_mm" if num_slots <= _BATCHED_MM_MAX_SLOTS else "grouped_mm"
         return ALL_EXPERTS_FUNCTIONS[fallback](self, hidden_states, top_k_index, top_k_weights)
+    # Training on CPU: `grouped_mm` is one autograd node per matmul instead of one per expert; measured 1.04x the
+    # loop below in fp32 (4-layer S, 2x512 tokens, `benchmarks/bench_training.py`). Slow half-precision matmuls
+    # stay on the loop, which upcasts each expert's rows.
+    training = torch.is_grad_enabled() and (hidden_states.requires_grad or self.gate_up_proj.requires_grad)
+    if training and not quantized and num_slots > _BATCHED_MM_MAX_SLOTS and not _half_matmul_is_slow(hidden_states.dtype):
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
 
     # Under autograd, per-expert views come from one `unbind` so the backward writes each weight gradient once.
     if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:

@@ -10,8 +10,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # share the cores instead of oversubscribing them (two threads each measured no faster than one worker).
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # a value the user set is kept
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_configure(config):

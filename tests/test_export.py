@@ -97,14 +97,15 @@ def onnx_packed(packed_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def executorch_float(float_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("et_float")
-    return export_executorch(float_folder, out, max_seq_len=MAX_SEQ_LEN, max_chunk=CHUNK).parent
+    # transformers' SDPA over the static cache here, ExecuTorch's custom_sdpa (the default) in the INT4 one.
+    return export_executorch(float_folder, out, max_seq_len=MAX_SEQ_LEN, max_chunk=CHUNK, custom_sdpa=False).parent
 
 
 @pytest.fixture(scope="module")
 def executorch_int4(qat_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("et_int4")
-    # transformers' SDPA over the static cache here (`custom_sdpa=False`), ExecuTorch's custom_sdpa in the float one.
-    return export_executorch(qat_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN, custom_sdpa=False).parent
+    # The default program: 8da4w, custom SDPA, prefilled in chunks as well.
+    return export_executorch(qat_folder, out, quantize="8da4w", max_seq_len=MAX_SEQ_LEN, max_chunk=CHUNK).parent
 
 
 def test_onnx_float_generates_as_pytorch(onnx_float, float_folder):
@@ -211,11 +212,27 @@ def _program_operators(folder) -> set[str]:
 
 
 def test_executorch_programs_use_executorchs_llm_ops(executorch_float, executorch_int4):
-    custom, stock = _program_operators(executorch_float), _program_operators(executorch_int4)
+    stock, custom = _program_operators(executorch_float), _program_operators(executorch_int4)
     # The KV cache is written and read in place by ExecuTorch's LLM ops, not attended as a whole under a mask.
     assert {"llama::update_cache", "llama::custom_sdpa"} <= custom
     assert not any(name.startswith("llama::") for name in stock)
-    assert "quantized_decomposed::embedding_4bit" in stock and "quantized_decomposed::embedding_4bit" not in custom
+    assert "quantized_decomposed::embedding_4bit" in custom and "quantized_decomposed::embedding_4bit" not in stock
+
+
+def test_executorch_int4_bytes_hold_the_published_values():
+    """Every byte of the published layout, re-encoded for `embedding_4bit`, dequantizes to the same two values."""
+    import executorch.exir  # noqa: F401  (defines `embedding_4bit`)
+
+    from modeling_mobilemoe.export.executorch import executorch_int4_bytes
+    from modeling_mobilemoe.export.packed import dequantized
+
+    published = torch.arange(256, dtype=torch.uint8).reshape(8, 32)  # 8 rows of 64 INT4 values, 2 groups each
+    scale = torch.tensor([0.5, 2.0]).repeat(8, 1).to(torch.float16)
+    rows = torch.arange(8)
+    read = torch.ops.quantized_decomposed.embedding_4bit.dtype(
+        executorch_int4_bytes(published), scale, None, -8, 7, rows, dtype=torch.float32
+    )
+    torch.testing.assert_close(read, dequantized(published, scale), atol=0, rtol=0)
 
 
 def test_exported_experts_read_only_the_gathered_experts(packed_folder):
@@ -273,6 +290,7 @@ def test_load_runner_picks_the_format(onnx_float, executorch_float, float_folder
         ({"format": "executorch", "target": "arm"}, "llama::quantized_moe_ffn"),
         ({"format": "executorch", "target": "gpu"}, "target: 'gpu'"),
         ({"format": "executorch", "max_seq_len": 48, "max_chunk": 48}, "max_chunk: 48"),
+        ({"format": "executorch", "max_chunk": 1}, "max_chunk: 1; .* at least 2"),
         ({"format": "executorch", "experts": "qmoe"}, "experts: an option of the onnx export only"),
         ({"format": "onnx", "max_chunk": 16}, "max_chunk: an option of the executorch export only"),
     ],

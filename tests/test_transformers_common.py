@@ -52,6 +52,7 @@ from unittest import mock
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file as safe_save_file
 
 import transformers
@@ -108,10 +109,15 @@ def _download_sdist() -> Path:
 def _extract_tests() -> Path:
     """Returns the root holding `tests/` (the extracted files) and `src/transformers/`; extracts once per version."""
     root = CACHE_DIR / f"transformers-{TRANSFORMERS_VERSION}"
-    if (root / ".complete").is_file():
-        return root
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    sdist = _download_sdist()
+    with FileLock(CACHE_DIR / f"{root.name}.lock"):  # every pytest-xdist worker collects this module at once
+        if not (root / ".complete").is_file():
+            _extract_sdist_tests(_download_sdist(), root)
+    return root
+
+
+def _extract_sdist_tests(sdist: Path, root: Path) -> None:
+    """Extracts the needed test files into a staging folder, then renames it to `root` (never a half-written root)."""
     prefix = f"transformers-{TRANSFORMERS_VERSION}/tests/"
     staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=CACHE_DIR))
     try:
@@ -137,16 +143,10 @@ def _extract_tests() -> Path:
         (staging / ".complete").write_text(f"{sdist.name}\n")
         staging.chmod(0o755)
         shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier extraction
-        try:
-            staging.rename(root)
-        except OSError:
-            if not (root / ".complete").is_file():
-                raise
-            shutil.rmtree(staging)  # a concurrent run extracted it first
+        staging.rename(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return root
 
 
 def _stand_in_modules() -> dict[str, dict]:

@@ -42,8 +42,12 @@ DEFAULT_MAX_CHUNK = 128
 
 def _check_max_chunk(max_chunk: int | None, max_seq_len: int) -> int:
     max_chunk = min(DEFAULT_MAX_CHUNK, max_seq_len - 1) if max_chunk is None else max_chunk
-    if not 1 <= max_chunk < max_seq_len:
-        raise ValueError(f"max_chunk: {max_chunk} must be between 1 and max_seq_len - 1 ({max_seq_len - 1}).")
+    # torch.export specialises a dimension of size 1, so the call length is dynamic only from 2 tokens on.
+    if not 2 <= max_chunk < max_seq_len:
+        raise ValueError(
+            f"max_chunk: {max_chunk}; the tokens one call takes must be at least 2 and below max_seq_len "
+            f"({max_seq_len})."
+        )
     return max_chunk
 
 
@@ -128,7 +132,7 @@ def _to_executorch_int4(module: PackedInt4Embedding | PackedInt4Experts) -> None
 def quantize_8da4w(model: PreTrainedModel) -> PreTrainedModel:
     """INT4 group-32 weights everywhere but the FP32 router; INT8 dynamic activations into the linears; experts and
     embedding packed and read by ExecuTorch's INT4 embedding kernel."""
-    import executorch.kernels.quantized  # noqa: F401  (registers `quantized_decomposed::embedding_4bit`)
+    import executorch.exir  # noqa: F401  (defines `quantized_decomposed::embedding_4bit` and its eager kernel)
 
     pack_experts_and_embedding(model)
     for module in list(model.modules()):
@@ -226,7 +230,8 @@ def export_executorch(
     """Exports a MobileMoE model (a folder or a loaded model) to `output_dir/model.pte` with its tokenizer, config
     and `export_config.json`; returns the .pte path. `max_chunk` (default `DEFAULT_MAX_CHUNK`) is the most tokens
     one call takes: ExecuTorch plans memory for the largest call, and the sparse experts' gathered weights grow
-    with it, so longer prompts are prefilled in chunks."""
+    with it, so longer prompts are prefilled in chunks. A loaded model is prepared in place (see `load_for_export`;
+    INT4 with `quantize="8da4w"`) and left on transformers' SDPA."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
@@ -244,17 +249,21 @@ def export_executorch(
         eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,
     )  # fmt: skip
     exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
+    attention = model.config._attn_implementation
     if custom_sdpa:
         _use_custom_sdpa(exportable.model, model)
     example = torch.zeros(1, 2, dtype=torch.long)
     # AUTO: the tile height of the sparse experts is a function of the sequence length (see `tiled_mm`).
     sequence = torch.export.Dim.AUTO(min=1, max=max_chunk)
-    with torch.no_grad():
-        program = exportable.export(
-            input_ids=example,
-            cache_position=torch.arange(2),
-            dynamic_shapes={"input_ids": {1: sequence}, "cache_position": {0: sequence}},
-        )
+    try:
+        with torch.no_grad():
+            program = exportable.export(
+                input_ids=example,
+                cache_position=torch.arange(2),
+                dynamic_shapes={"input_ids": {1: sequence}, "cache_position": {0: sequence}},
+            )
+    finally:
+        model.set_attn_implementation(attention)  # a caller's model keeps running in PyTorch
     lowered = to_edge_transform_and_lower(
         program,
         partitioner=[XnnpackPartitioner()],
