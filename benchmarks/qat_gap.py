@@ -1,7 +1,8 @@
 """Float vs PTQ-INT4 vs QAT-INT4 held-out loss on the demo's tiny model, with the same extra training for float and QAT.
 
     mobilemoe demo                                          # makes outputs/demo/sft
-    python benchmarks/qat_gap.py --model outputs/demo/sft   # writes benchmarks/results/qat_gap_tiny.json
+    python benchmarks/qat_gap.py --model outputs/demo/sft --json benchmarks/results/qat_gap_tiny_seed0.json \
+        max_steps=100 save_steps=100 seed=0                 # the README's table: seeds 0, 1, 2
 
 The QAT stage trains the checkpoint further, so its loss alone mixes two effects; this script runs the same recipe
 (`recipes/tiny/qat`) twice from the same checkpoint: once unquantized (a float fine-tune) and once as QAT, and reports
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="outputs/demo/sft", help="the SFT checkpoint to quantize")
     parser.add_argument("--recipe", default=os.path.join(REPOSITORY, "recipes", "tiny", "qat", "config.yaml"))
     parser.add_argument("--out", default="outputs/qat_gap")
-    parser.add_argument("--json", default=os.path.join(REPOSITORY, "benchmarks", "results", "qat_gap_tiny.json"))
+    parser.add_argument("--json", default=os.path.join(REPOSITORY, "benchmarks", "results", "qat_gap_tiny_seed0.json"))
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     args = parser.parse_args(argv)
 

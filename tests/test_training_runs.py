@@ -102,6 +102,17 @@ def test_stages_hand_off_pretrain_midtrain_sft_qat_and_lora(tmp_path):
     assert packed["model.embed_tokens.qweight"].dtype == torch.uint8
     assert json.loads((qat / "config.json").read_text())["quantization"]["format"] == "mobilemoe-int4-g32"
 
+    # The QAT-gap benchmark: QAT and a float fine-tune from the same checkpoint, and the PTQ of both.
+    gap = tmp_path / "qat_gap.json"
+    run([sys.executable, os.path.join(REPO, "benchmarks", "qat_gap.py"), "--model", str(sft), "--out",
+         str(tmp_path / "gap"), "--json", str(gap), *QUICK[:2], "max_steps=2"])  # fmt: skip
+    report = json.loads(gap.read_text())
+    losses = report["heldout_loss"]
+    assert report["steps"] == 2 and all(0 < loss < 20 for loss in losses.values())
+    assert losses["float_checkpoint"] != losses["float_fine_tuned"]  # the float run trained
+    assert report["ptq_gap"] == losses["ptq_int4_of_fine_tuned"] - losses["float_fine_tuned"]
+    assert abs(report["saved_weights_bytes"] / report["int4_weight_bytes_predicted"] - 1) < 0.05
+
     contexts = [
         MobileMoEConfig.from_pretrained(folder).max_position_embeddings for folder in (pretrain, midtrain, sft)
     ]
