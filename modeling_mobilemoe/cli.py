@@ -16,9 +16,17 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .training import train
 
-    train(args.recipe, args.overrides)
+    try:
+        train(args.recipe, args.overrides)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            # Join gloo's threads before exit: left to interpreter teardown, a rank of `accelerate launch` once
+            # aborted ("terminate called without an active exception") after its run had finished and saved.
+            dist.destroy_process_group()
     return 0
 
 
