@@ -8,8 +8,8 @@ experts, and a dense MobileLLM-Pro-shaped Llama, side by side in one process, ba
 - decode: one-token forwards against a static KV cache holding `--context` tokens (filled with random keys/values,
   which cost the same to attend to as real ones), the cache cropped back after each step;
 - modes are measured round-robin (every model stays loaded; modes of one model switch its experts implementation),
-  so slow drifts of a shared machine hit all modes alike; the loop-over-all-experts baseline, which needs an extra
-  copy of the experts, runs after the rounds;
+  each round starting one mode later, so slow drifts of a shared machine hit all modes alike; the
+  loop-over-all-experts baseline, which needs an extra copy of the experts, runs after the rounds;
 - the median over all rounds; the RSS a mode adds while it runs (what its path materialises) and the RSS of the
   loaded models; memory bandwidth measured in the same run, so decode speed can be put against the bandwidth limit
   (active weight + KV bytes per token).
@@ -153,12 +153,16 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
             drop_published_layout_copies(model)
 
     for round_index in range(args.rounds):
-        for mode in interleaved:
+        # Each round starts one mode later: whatever the previous mode leaves behind (freed memory the allocator must
+        # fault in again, caches) falls on a different mode each round rather than always on the first.
+        shift = round_index % len(interleaved)
+        for mode in interleaved[shift:] + interleaved[:shift]:
             family = MODES[mode][0]
             select(models[family], mode)
             recorders[mode].measure("decode", decoders[family], args.decode_steps, warmup=2)
             if results[mode]["prefill"]["status"] == "pending":
-                recorders[mode].measure("prefill", prefills[family], 1, warmup=0)
+                # The first full-length prefill also creates oneDNN's kernels for its shapes: a warm-up in round one.
+                recorders[mode].measure("prefill", prefills[family], 1, warmup=int(round_index == 0))
         print(f"    round {round_index + 1}/{args.rounds} done", flush=True)
     for family in [family for family in models if family != "mobilemoe"]:  # room for the baseline's expert copies
         del models[family], decoders[family], prefills[family]
@@ -203,6 +207,8 @@ def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
         return out
     if speed("mobilemoe-pytorch-ops"):
         out["vs_pytorch_ops"] = ours / speed("mobilemoe-pytorch-ops")
+    if speed("mobilemoe-avx2-kernels"):
+        out["vs_avx2_kernels"] = ours / speed("mobilemoe-avx2-kernels")
     if speed("dense-pro"):
         out["vs_dense_pro"] = ours / speed("dense-pro")
     qwen = [speed(mode) for mode in results if mode.startswith("qwen2moe") and speed(mode)]

@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: the models compared, timing, peak-RSS sampling, memory bandwidth, output files.
 
 Models are built from configs with random weights (nothing is downloaded):
-- `mobilemoe`: this package's MobileMoE at a preset's shape, with its CPU decode kernels (`mobilemoe-pytorch-ops`:
-  without them, stock PyTorch ops only);
+- `mobilemoe`: this package's MobileMoE at a preset's shape, with its CPU decode kernels on the CPU's best instruction
+  set (`mobilemoe-avx2-kernels`: capped at AVX2; `mobilemoe-pytorch-ops`: without them, stock PyTorch ops only);
 - `qwen2moe`: transformers' `Qwen2MoeForCausalLM` at the same shape (60 experts, top-4, shared expert 4x wider);
 - `dense-pro`: a dense `LlamaForCausalLM` shaped like MobileLLM-Pro (1.08B: 30 layers, hidden 1280, 20/4 heads,
   FFN 6144, vocab 202048, tied), the paper's on-device baseline.
@@ -113,10 +113,12 @@ def drop_published_layout_copies(model) -> None:
 ExpertsInterface.register("loop_all_experts", loop_all_experts_forward)
 
 FAMILIES: dict[str, Callable] = {"mobilemoe": build_mobilemoe, "qwen2moe": build_qwen2moe, "dense-pro": build_dense_pro}
-# mode -> (model family, experts implementation (None: the model's default), whether MobileMoE's CPU decode kernels
-# run). The loop over all experts stands for the released remote code, so it runs on stock PyTorch ops.
-MODES: dict[str, tuple[str, str | None, bool]] = {
+# mode -> (model family, experts implementation (None: the model's default), MobileMoE's CPU decode kernels: False
+# (off), True (on, with the CPU's best instruction set) or the instruction set they are capped at). The loop over all
+# experts stands for the released remote code, so it runs on stock PyTorch ops.
+MODES: dict[str, tuple[str, str | None, bool | str]] = {
     "mobilemoe": ("mobilemoe", None, True),
+    "mobilemoe-avx2-kernels": ("mobilemoe", None, "avx2"),
     "mobilemoe-pytorch-ops": ("mobilemoe", None, False),
     "mobilemoe-eager": ("mobilemoe", "eager", True),
     "mobilemoe-grouped_mm": ("mobilemoe", "grouped_mm", True),
@@ -141,7 +143,9 @@ def select(model, mode: str) -> None:
     """Switch a family's model to `mode`: its experts implementation (with the baseline's extra tensors if needed)
     and the CPU decode kernels on or off (they only exist in MobileMoE models)."""
     family, experts, use_kernels = MODES[mode]
-    kernels.set_enabled(use_kernels)
+    kernels.set_enabled(bool(use_kernels))
+    if kernels.available():
+        kernels.set_instruction_set(use_kernels if isinstance(use_kernels, str) else "native")
     if family == "dense-pro":
         return
     if experts == "loop_all_experts" and not hasattr(model.moe_blocks()[0].routed_experts, "published_gate_up"):

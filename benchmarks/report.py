@@ -19,7 +19,7 @@ def _speed(entry: dict) -> str:
 
 def inference_table(report: dict) -> str:
     lines = [
-        "| dtype | mode | decode tok/s | % of read bandwidth | prefill tok/s | extra RSS while running (GiB) |",
+        "| dtype | mode | decode tok/s | % of read / copy bandwidth | prefill tok/s | extra RSS while running (GiB) |",
         "|---|---|---|---|---|---|",
     ]
     for dtype, results in report["results"].items():
@@ -28,7 +28,8 @@ def inference_table(report: dict) -> str:
             extra = max(decode["extra_rss_gib"], prefill.get("extra_rss_gib", 0.0))
             name = f"**{mode}**" if mode == "mobilemoe" else mode
             lines.append(
-                f"| {dtype} | {name} | {decode['tok_s']:.2f} | {decode['fraction_of_read_bandwidth']:.0%} | "
+                f"| {dtype} | {name} | {decode['tok_s']:.2f} | {decode['fraction_of_read_bandwidth']:.0%} / "
+                f"{decode['fraction_of_copy_bandwidth']:.0%} | "
                 f"{_speed(prefill)} | {extra:.2f} |"
             )
     lines.append("")

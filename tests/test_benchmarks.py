@@ -17,12 +17,15 @@ def test_inference_benchmark_smoke(tmp_path):
     command = [
         sys.executable, str(BENCHMARKS / "bench_inference.py"), "--layers", "1", "--prefill-tokens", "64",
         "--context", "64", "--rounds", "1", "--decode-steps", "1", "--dtypes", "float32",
-        "--modes", "mobilemoe", "mobilemoe-loop-all-experts", "qwen2moe-batched_mm", "--out", str(out),
+        "--modes", "mobilemoe", "mobilemoe-avx2-kernels", "mobilemoe-loop-all-experts", "qwen2moe-batched_mm",
+        "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     modes = report["results"]["float32"]
+    assert modes["mobilemoe-avx2-kernels"]["max_abs_diff_vs_eager"] < 1e-4
+    assert "vs_avx2_kernels" in report["ratios"]["float32"]["decode"]
     assert modes["mobilemoe"]["decode"]["tok_s"] > 0 and modes["mobilemoe"]["prefill"]["tok_s"] > 0
     # Every MoE path of the package agrees with the eager reference, the baseline included.
     assert modes["mobilemoe"]["max_abs_diff_vs_eager"] < 1e-4

@@ -17,18 +17,44 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def test_kernels_build_on_this_machine():
     # CI runs on the machine kind the benchmarks ran on: a silent fallback there would hide a broken build.
     assert kernels.available(), kernels.unavailable_reason()
+    assert kernels.instruction_set() in kernels.INSTRUCTION_SETS
+
+
+@pytest.fixture(params=kernels.INSTRUCTION_SETS)
+def instruction_set(request):
+    """Each instruction set of the kernels in turn, where this CPU has it: every path runs on the machines that
+    support it (AVX2 paths everywhere)."""
+    native = kernels.instruction_set()
+    if kernels.INSTRUCTION_SETS.index(request.param) > kernels.INSTRUCTION_SETS.index(native):
+        pytest.skip(f"this CPU runs the kernels with {native}, not {request.param}")
+    with kernels.limit_instruction_set(request.param) as active:
+        assert active == request.param
+        yield active
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 64), (2, 3, 64), (4, 64)])
-def test_linear_matches_float64_reference(dtype, shape):
-    weight = torch.randn(100, 64, dtype=dtype)  # 100 rows: blocks of four plus a remainder
+@pytest.mark.parametrize("shape", [(1, 72), (2, 3, 72), (4, 200)])
+def test_linear_matches_float64_reference(instruction_set, dtype, shape):
+    # 72 and 200 features: AVX-512 runs full steps, single steps and a masked tail (16 fp32 / 32 bf16 lanes).
+    weight = torch.randn(100, shape[-1], dtype=dtype)  # 100 rows: blocks of four plus a remainder
     bias = torch.randn(100, dtype=dtype)
     x = torch.randn(*shape, dtype=dtype)
     out = torch.ops.mobilemoe_cpu.linear(x, weight, bias)
     expected = F.linear(x.double(), weight.double(), bias.double())
     assert out.dtype == dtype and out.shape == (*shape[:-1], 100)
-    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+
+
+def test_instruction_set_limits_are_checked():
+    with pytest.raises(ValueError, match="instruction set 'sse2' is not one of native, avx2, avx512, avx512_bf16"):
+        with kernels.limit_instruction_set("sse2"):
+            pass
+    with pytest.raises(RuntimeError, match="unknown instruction set 'sse2'"):
+        torch.ops.mobilemoe_cpu.instruction_set("sse2")
+    native = kernels.instruction_set()
+    with kernels.limit_instruction_set("avx2") as active:
+        assert active == "avx2" == kernels.instruction_set()
+    assert kernels.instruction_set() == native
 
 
 def test_linear_rejects_unsupported_weights_with_the_reason():
@@ -38,20 +64,25 @@ def test_linear_rejects_unsupported_weights_with_the_reason():
         torch.ops.mobilemoe_cpu.linear(torch.randn(1, 16).half(), torch.randn(4, 16).half(), None)
 
 
-def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd():
+def ran(operator: str, profile) -> bool:
+    return any(event.name == f"mobilemoe_cpu::{operator}" for event in profile.events())
+
+
+def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instruction_set):
     layer = torch.nn.Linear(64, 32)
     kernels.install(layer)
     calls = []
     with torch.no_grad():
         with torch.profiler.profile() as profile:
-            layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))  # bf16: PyTorch's gemv (measured faster)
-        assert not any(event.name == "mobilemoe_cpu::linear" for event in profile.events())
+            layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))
+        # bf16 on the kernel only where it multiplies bf16 pairs natively (PyTorch's gemv measured faster otherwise)
+        assert ran("linear", profile) == (instruction_set == "avx512_bf16")
         layer.float()
         for rows in (1, kernels.MAX_LINEAR_ROWS, kernels.MAX_LINEAR_ROWS + 1):
             x = torch.randn(rows, 64)
             with torch.profiler.profile() as profile:
                 out = layer(x)
-            calls.append(any(event.name == "mobilemoe_cpu::linear" for event in profile.events()))
+            calls.append(ran("linear", profile))
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert calls == [True, True, False]
     x = torch.randn(1, 64)
@@ -87,7 +118,7 @@ def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
-def test_fused_experts_match_eager(dtype, num_tokens):
+def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
     top_k_weights = torch.rand(num_tokens, 2)
@@ -115,13 +146,107 @@ def test_fused_experts_fall_back_for_prefill_and_training():
     top_k_weights = torch.rand(many, 2)
     with torch.profiler.profile() as profile:
         out = experts(hidden, top_k_index, top_k_weights)  # grad enabled and more slots: the sorted path
-    assert not any(event.name == "mobilemoe_cpu::moe_experts" for event in profile.events())
+    assert not ran("moe_experts", profile)
     out.sum().backward()
     assert experts.gate_up_proj.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_decode_with_kernels_matches_stock_pytorch(dtype):
+def test_swiglu_mlp_matches_float64_reference(instruction_set, dtype):
+    gate, up = torch.randn(40, 72, dtype=dtype), torch.randn(40, 72, dtype=dtype)
+    down = torch.randn(72, 40, dtype=dtype)
+    x = torch.randn(3, 72, dtype=dtype) / 4
+    expected = F.linear(F.silu(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()), down.double())
+    out = torch.ops.mobilemoe_cpu.swiglu_mlp(x, gate, up, down)
+    assert out.dtype == dtype and out.shape == (3, 72)
+    scale = expected.abs().max().item()  # bf16 rounds the SwiGLU output before the down projection, as PyTorch does
+    torch.testing.assert_close(out.double() / scale, expected / scale, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_swiglu_mlp_rejects_mismatched_weights_with_the_reason():
+    with pytest.raises(RuntimeError, match=r"expected gate and up \[I, H\] and down \[H, I\]"):
+        torch.ops.mobilemoe_cpu.swiglu_mlp(torch.randn(1, 16), torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match="gate and up must have one dtype"):
+        torch.ops.mobilemoe_cpu.swiglu_mlp(
+            torch.randn(1, 16), torch.randn(8, 16), torch.randn(8, 16).bfloat16(), torch.randn(16, 8)
+        )
+
+
+def test_shared_expert_runs_one_operator_at_decode_and_its_own_forward_otherwise():
+    mlp = make_model().moe_blocks()[0].shared_expert
+    assert mlp.forward.__func__ is kernels.cpu_mlp_forward
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        expected = type(mlp).forward(mlp, x)
+        with torch.profiler.profile() as profile:
+            out = mlp(x)
+        assert ran("swiglu_mlp", profile)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        # A hook on a projection (as PEFT, QAT or accelerate add) must run: the module's own forward takes over.
+        seen = []
+        mlp.up_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        with torch.profiler.profile() as profile:
+            out = mlp(x)
+        assert not ran("swiglu_mlp", profile) and seen == [(1, 1, 64)]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def sdpa_reference(query, key, value, mask):
+    """transformers' layout [B, Tq, Hq, D] of float64 SDPA, GQA by repeating key/value heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (tensor.double().repeat_interleave(groups, 1) for tensor in (key, value))
+    return F.scaled_dot_product_attention(query.double(), key, value, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_queries", [1, 3])
+@pytest.mark.parametrize("head_dim", [16, 72])
+def test_decode_attention_matches_sdpa(instruction_set, dtype, num_queries, head_dim):
+    # 2 key/value heads of 3 query heads each; 37 positions (blocks of four and eight plus remainders); a mask with
+    # gaps, one that differs per batch row, and a row that sees only its last position.
+    query = torch.randn(2, 6, num_queries, head_dim, dtype=dtype)
+    key, value = torch.randn(2, 2, 37, head_dim, dtype=dtype), torch.randn(2, 2, 37, head_dim, dtype=dtype)
+    mask = torch.rand(2, 1, num_queries, 37) > 0.3
+    mask[1, :, -1] = False
+    mask[1, :, -1, -1] = True
+    out = torch.ops.mobilemoe_cpu.decode_attention(query, key, value, mask, head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == (2, num_queries, 6, head_dim)
+    torch.testing.assert_close(out.double(), sdpa_reference(query, key, value, mask), atol=TOLERANCE[dtype], rtol=0)
+    if num_queries == 1:  # no mask: every position
+        out = torch.ops.mobilemoe_cpu.decode_attention(query, key, value, None, head_dim**-0.5)
+        torch.testing.assert_close(out.double(), sdpa_reference(query, key, value, None), atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_rejects_bad_inputs():
+    query, key = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
+    out = torch.ops.mobilemoe_cpu.decode_attention(query, key, key, torch.zeros(1, 1, 1, 5, dtype=torch.bool), 0.25)
+    assert torch.equal(out, torch.zeros(1, 1, 4, 16))
+    with pytest.raises(RuntimeError, match="the mask must be bool"):
+        torch.ops.mobilemoe_cpu.decode_attention(query, key, key, torch.zeros(1, 1, 1, 5), 0.25)
+    with pytest.raises(RuntimeError, match="head dimension must be a multiple of 8"):
+        torch.ops.mobilemoe_cpu.decode_attention(query[..., :12], key[..., :12], key[..., :12], None, 0.25)
+    with pytest.raises(RuntimeError, match="does not fit key"):
+        torch.ops.mobilemoe_cpu.decode_attention(torch.randn(1, 3, 1, 16), key, key, None, 0.25)
+
+
+def test_attention_runs_the_kernel_for_decode_only():
+    model = make_model()
+    assert model.config._attn_implementation == "sdpa"
+    input_ids = tokens(batch=2, length=6)
+    with torch.no_grad():
+        with torch.profiler.profile() as profile:
+            model(input_ids)  # prefill (causal, six queries): transformers' sdpa
+        assert not ran("decode_attention", profile)
+        with torch.profiler.profile() as profile:
+            model(input_ids[:, :1])  # one query
+        assert ran("decode_attention", profile)
+    with torch.profiler.profile() as profile:
+        model(input_ids[:, :1]).logits.sum().backward()  # autograd: sdpa, so gradients flow
+    assert not ran("decode_attention", profile)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_with_kernels_matches_stock_pytorch(instruction_set, dtype):
     model = make_model().to(dtype)
     input_ids = tokens(batch=2, length=8)
     attention_mask = torch.ones_like(input_ids)
@@ -137,8 +262,9 @@ def test_model_decode_with_kernels_matches_stock_pytorch(dtype):
     torch.testing.assert_close(generated.logits[0].float(), stock.logits[0].float(), atol=5e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
 
 
-def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops():
-    model = make_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops(dtype):
+    model = make_model().to(dtype)
     input_ids = tokens(batch=1, length=1)
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -148,9 +274,13 @@ def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops():
         with torch.profiler.profile() as profile:
             actual = compiled(input_ids).logits
     names = {event.name for event in profile.events()}
-    assert {"mobilemoe_cpu::linear", "mobilemoe_cpu::moe_experts"} <= names
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(actual, stock, atol=1e-5, rtol=1e-5)
+    operators = ["moe_experts", "decode_attention"]
+    if dtype == torch.float32 or kernels.instruction_set() == "avx512_bf16":  # bf16 linears: see cpu_linear_forward
+        operators += ["linear", "swiglu_mlp"]
+    assert {f"mobilemoe_cpu::{operator}" for operator in operators} <= names
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # inductor fuses the norms: bf16 rounds elsewhere
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(actual, stock, atol=tolerance, rtol=tolerance)
 
 
 def test_exported_programs_use_stock_ops_only():

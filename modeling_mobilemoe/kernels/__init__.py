@@ -1,17 +1,27 @@
-"""CPU decode kernels: a streaming linear and a fused routed-experts operator for inputs of a few rows.
+"""CPU decode kernels: operators for inference on a few rows (decode steps, small batches).
 
-Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads fp32 weights
-at about half of this machine's read bandwidth. `cpu_decode.cpp` streams them at close to it, and runs the routed
-experts of a layer (fp32 or bf16) as one operator that reads only the selected experts' rows
-(`benchmarks/bench_inference.py` measures the model end to end). The kernels are compiled the first time a model
-needs them (`torch.utils.cpp_extension`, cached per machine; about 30 s) and registered as the
-`torch.ops.mobilemoe_cpu` operators, with fake implementations so `torch.compile` keeps them as opaque nodes.
+Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads weights at a
+third to a half of the machine's read bandwidth at one row. `cpu_decode.cpp` streams them at close to it, with AVX2 +
+FMA, AVX-512 or AVX-512 BF16 (picked at run time: `instruction_set`, `limit_instruction_set`), as four operators:
+
+- `linear`: a streaming gemv (fp32 everywhere; bf16 where AVX-512 BF16 multiplies bf16 pairs natively);
+- `moe_experts`: the routed experts of a layer (gate-up, SwiGLU, down, weighted sum) reading only the selected
+  experts' rows, fp32 or bf16;
+- `swiglu_mlp`: the shared expert (gate, up, SwiGLU, down) in one call;
+- `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
+  its query group.
+
+`benchmarks/bench_inference.py` measures them end to end. They are compiled the first time a model is built
+(`torch.utils.cpp_extension`, cached per machine; about 30 s) and registered as `torch.ops.mobilemoe_cpu`, with fake
+implementations so `torch.compile` keeps them as opaque nodes.
 
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
-`nn.Linear` layers run `cpu_linear_forward` (fp32 rows <= `MAX_LINEAR_ROWS` without autograd go to the kernel; bf16
-inputs of more rows run in float32 on CPUs without native bf16 matmul; everything else is `F.linear`), and the
-default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation (also selectable as
-`experts_implementation="cpu_fused"`). Exported programs (`torch.export`, ONNX) never contain these operators.
+`nn.Linear` layers run `cpu_linear_forward` (kernel rows <= `MAX_LINEAR_ROWS` without autograd; bf16 inputs of more
+rows in float32 on CPUs without native bf16 matmul; everything else `F.linear`), `MobileMoEMLP` runs
+`cpu_mlp_forward`, the default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation
+(also selectable as `experts_implementation="cpu_fused"`), and `sdpa` attention on CPU runs
+`cpu_sdpa_attention_forward`. Each falls back to the stock path for anything else (training, prefill, hooks or
+wrappers such as PEFT's, other dtypes). Exported programs (`torch.export`, ONNX) never contain these operators.
 `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
 PyTorch ops.
 """
@@ -29,9 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
 
 from ..modeling_mobilemoe import _UPCAST_MIN_ROWS as UPCAST_MIN_ROWS
-from ..modeling_mobilemoe import MODEL_INIT_HOOKS, _half_matmul_is_slow, sorted_experts
+from ..modeling_mobilemoe import CPU_SDPA, MODEL_INIT_HOOKS, MobileMoEMLP, _half_matmul_is_slow, sorted_experts
 
 
 logger = logging.getLogger(__name__)
@@ -42,11 +54,10 @@ MAX_LINEAR_ROWS = 4
 # Up to this many (token, expert) slots the experts of a layer run in the fused operator (batch-4 decode at top-4).
 MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# The linear kernel runs fp32 only: its bf16 variant measured no faster than PyTorch's bf16 gemv here (0.91x on the
-# full S decode, dominated by the LM head; `benchmarks/results/inference_S.json`), while the fused experts gain in both.
-LINEAR_KERNEL_DTYPES = (torch.float32,)
+# Instruction sets of the kernels (`cpu_decode.cpp`), lowest first; a machine runs the highest it supports.
+INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16")
 
-_state: dict[str, object] = {"loaded": False, "reason": None, "enabled": True}
+_state: dict[str, object] = {"loaded": False, "reason": None, "enabled": True, "linear_dtypes": (torch.float32,)}
 
 
 def set_enabled(on: bool) -> None:
@@ -96,7 +107,38 @@ def available() -> bool:
         return False
     _register_fakes()
     _state["loaded"] = True
+    set_instruction_set("native")
     return True
+
+
+def instruction_set() -> str | None:
+    """The instruction set the kernels run with here (one of `INSTRUCTION_SETS`), None where they can't run."""
+    return torch.ops.mobilemoe_cpu.instruction_set() if available() else None
+
+
+def set_instruction_set(limit: str) -> str:
+    """Caps the kernels at `limit` (one of `INSTRUCTION_SETS`, or "native": the highest this CPU supports) from now on,
+    so every path a machine supports can be tested and measured; returns the instruction set now in use."""
+    if limit not in (*INSTRUCTION_SETS, "native"):
+        raise ValueError(f"instruction set {limit!r} is not one of native, {', '.join(INSTRUCTION_SETS)}")
+    if not available():
+        raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
+    active = torch.ops.mobilemoe_cpu.instruction_set(limit)
+    # The linear kernel takes bf16 only where it multiplies bf16 pairs natively (AVX-512 BF16: 3x PyTorch's bf16
+    # gemv on the LM head); widened in AVX2 registers it measured 0.91x PyTorch's on an AVX2-only CPU
+    # (`benchmarks/results/inference_S_avx2.json`). The fused experts gain on every instruction set.
+    _state["linear_dtypes"] = (torch.float32, torch.bfloat16) if active == "avx512_bf16" else (torch.float32,)
+    return active
+
+
+@contextlib.contextmanager
+def limit_instruction_set(limit: str) -> Iterator[str]:
+    """`set_instruction_set(limit)` within the block only; yields the instruction set in use."""
+    previous = instruction_set()
+    try:
+        yield set_instruction_set(limit)
+    finally:
+        set_instruction_set(previous)
 
 
 def _register_fakes() -> None:
@@ -107,6 +149,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mobilemoe_cpu::moe_experts")
     def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
         return torch.empty_like(hidden_states)
+
+    @torch.library.register_fake("mobilemoe_cpu::swiglu_mlp")
+    def _(hidden_states, gate, up, down):
+        return torch.empty_like(hidden_states)
+
+    @torch.library.register_fake("mobilemoe_cpu::decode_attention")
+    def _(query, key, value, mask, scale):
+        return query.new_empty((query.shape[0], query.shape[2], query.shape[1], query.shape[3]))
 
 
 def _cpu_outside_export(input: torch.Tensor) -> bool:
@@ -130,7 +180,7 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     inputs of more rows in float32 where the CPU has no native half-precision matmul (as `sorted_mm` does for the
     experts: the upcast costs one pass over the weight, the half-precision GEMM falls off oneDNN's fast kernels)."""
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
-    streamed = input.dtype in LINEAR_KERNEL_DTYPES and _kernel_applies(input, self.weight)
+    streamed = _kernel_applies(input, self.weight) and input.dtype in _state["linear_dtypes"]
     if streamed and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
     upcast = _cpu_outside_export(input) and _half_matmul_is_slow(input.dtype)
@@ -138,6 +188,36 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
         return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
     return F.linear(input, self.weight, self.bias)
+
+
+def _is_plain_kernel_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` without bias that runs `cpu_linear_forward` with nothing hooked in: not replaced or wrapped
+    since `install` (PEFT's LoRA layers, QAT's fake-quantized linears, bitsandbytes, accelerate's offload hooks)."""
+    forward = vars(module).get("forward")
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and getattr(forward, "__func__", None) is cpu_linear_forward
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
+
+
+def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`MobileMoEMLP.forward` for CPUs (the shared expert): few-row inference runs gate, up, SwiGLU and down as one
+    operator, on the dtypes the linear kernel takes; anything else is the module's own forward."""
+    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    fused = (
+        isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
+        and all(_is_plain_kernel_linear(projection) for projection in projections)
+        and _kernel_applies(hidden_states, *(projection.weight for projection in projections))
+        and hidden_states.dtype in _state["linear_dtypes"]
+        and hidden_states.numel() <= MAX_LINEAR_ROWS * hidden_states.shape[-1]  # last, as in `cpu_linear_forward`
+    )
+    if not fused:
+        return MobileMoEMLP.forward(self, hidden_states)
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = torch.ops.mobilemoe_cpu.swiglu_mlp(rows, *(projection.weight for projection in projections))
+    return out.view(hidden_states.shape)
 
 
 def cpu_fused_experts_forward(
@@ -159,16 +239,58 @@ def cpu_fused_experts_forward(
     )
 
 
+def cpu_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' `sdpa` attention for CPUs: few-query inference (decode) runs the `decode_attention` kernel,
+    which reads each key/value head once for its whole query group (PyTorch's CPU SDPA took ~220 us a layer for one
+    bf16 query at 1k context); anything else is `sdpa_attention_forward` itself."""
+    num_queries, context = query.shape[2], key.shape[2]
+    mask_fits = (
+        num_queries == 1  # one query attends to every key: no causal masking needed
+        if attention_mask is None
+        else attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+        and attention_mask.shape[-1] == context
+    )
+    fused = (
+        mask_fits
+        and dropout == 0.0
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions", False)
+        and _kernel_applies(query, key, value)
+        and num_queries <= MAX_LINEAR_ROWS  # last, as in `cpu_linear_forward`
+    )
+    if not fused:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return torch.ops.mobilemoe_cpu.decode_attention(query, key, value, attention_mask, scale), None
+
+
 def install(model: nn.Module) -> None:
-    """Give `model`'s `nn.Linear` layers `cpu_linear_forward` as their `forward`, in place. Only the instance's
-    method changes: class, parameters and state dict stay those of `nn.Linear`, so libraries that look for exactly
-    `nn.Linear` (bitsandbytes, torchao, PEFT) still find and replace them."""
+    """Give `model`'s `nn.Linear` layers `cpu_linear_forward` and its `MobileMoEMLP`s `cpu_mlp_forward` as their
+    `forward`, in place. Only the instance's method changes: class, parameters and state dict stay the same, so
+    libraries that look for exactly `nn.Linear` (bitsandbytes, torchao, PEFT) still find and replace them. The kernels
+    are built (or loaded) now, so a graph compiled before the first eager forward has them too."""
+    available()
+    forwards = {nn.Linear: cpu_linear_forward, MobileMoEMLP: cpu_mlp_forward}
     for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in vars(module):
-            module.forward = types.MethodType(cpu_linear_forward, module)
+        forward = forwards.get(type(module))
+        if forward is not None and "forward" not in vars(module):
+            module.forward = types.MethodType(forward, module)
 
 
 ExpertsInterface.register("cpu_fused", cpu_fused_experts_forward)
+AttentionInterface.register(CPU_SDPA, cpu_sdpa_attention_forward)
 if install not in MODEL_INIT_HOOKS:
     MODEL_INIT_HOOKS.append(install)
 
@@ -176,8 +298,13 @@ __all__ = [
     "available",
     "cpu_fused_experts_forward",
     "cpu_linear_forward",
+    "cpu_mlp_forward",
+    "cpu_sdpa_attention_forward",
     "enabled",
     "install",
+    "instruction_set",
+    "limit_instruction_set",
     "set_enabled",
+    "set_instruction_set",
     "unavailable_reason",
 ]
