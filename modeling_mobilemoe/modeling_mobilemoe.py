@@ -323,15 +323,18 @@ _UPCAST_MIN_ROWS = 8
 _BATCHED_MM_MAX_SLOTS = 64
 
 
+def _onednn_supports(check: str) -> bool:
+    """oneDNN's answer to `torch.ops.mkldnn.<check>()`; False on PyTorch builds without oneDNN (no such op there)."""
+    op = getattr(torch.ops.mkldnn, check, None) if torch.backends.mkldnn.is_available() else None
+    return op is not None and bool(op())
+
+
 # Half-precision dtypes this CPU has no native matmul kernels for (no AVX512-BF16/AMX): float32 is faster there. Read
 # once at import, so compiled graphs see a constant rather than a call they can't trace.
 _SLOW_HALF_MATMUL_DTYPES = frozenset(
     dtype
-    for dtype, supported in (
-        (torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported()),
-    )
-    if not supported
+    for dtype, check in ((torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported"))
+    if not _onednn_supports(check)
 )
 
 
@@ -414,12 +417,13 @@ def sorted_experts(
         _expert_swiglu(self, rows, gate_up_weights[expert], down_weights[expert])
         for expert, rows in zip(hit_experts.tolist(), rows_per_expert)
     ]
-    # Weighted in place and summed in the hidden dtype, as the eager path sums: a bf16 x fp32 product of (slots, H)
-    # takes PyTorch's scalar mixed-dtype loop (10-15 ms a layer at a 1k-token bf16 prefill, 0.3 ms in one dtype).
-    weights = top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
-    weighted = torch.cat(expert_outputs).mul_(weights)
+    # Weighted in place in the experts' output dtype (routing weights rounded to it) and summed in it, as the eager
+    # path sums: a bf16 x fp32 product of (slots, H) takes PyTorch's scalar mixed-dtype loop (10-15 ms a layer at a
+    # 1k-token bf16 prefill, 0.3 ms in one dtype).
+    weighted = torch.cat(expert_outputs)
+    weighted = weighted.mul_(top_k_weights.reshape(-1)[order, None].to(weighted.dtype))
     output = torch.zeros(num_tokens, hidden_dim, dtype=weighted.dtype, device=hidden_states.device)
-    return output.index_add_(0, token_of_slot, weighted)
+    return output.index_add_(0, token_of_slot, weighted).to(hidden_states.dtype)
 
 
 ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)

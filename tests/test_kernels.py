@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_modeling import make_model, run_experts, tokens
 
 from modeling_mobilemoe import kernels
+from modeling_mobilemoe.modeling_mobilemoe import _onednn_supports
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -106,6 +107,26 @@ def test_many_bf16_rows_run_in_float32_where_the_cpu_has_no_native_bf16_matmul()
     assert out.dtype == torch.bfloat16
 
 
+def test_onednn_checks_answer_false_where_the_op_is_missing():
+    # Builds without oneDNN have no `torch.ops.mkldnn` checks: importing the modeling file must still work there.
+    assert _onednn_supports("_no_such_check") is False
+    assert _onednn_supports("_is_mkldnn_bf16_supported") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_quantized_tensor_subclass_weights_keep_their_own_dispatch():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = torch.nn.Linear(64, 32, bias=False)
+    kernels.install(layer)
+    quantize_(layer, Int8WeightOnlyConfig())
+    assert type(layer.weight) not in (torch.Tensor, torch.nn.Parameter)
+    x = torch.randn(1, 64)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        out = layer(x)
+    assert not ran("linear", profile)
+    torch.testing.assert_close(out, F.linear(x, layer.weight.dequantize()), atol=1e-4, rtol=1e-4)
+
+
 def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear():
     model = make_model()
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
@@ -130,12 +151,13 @@ def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     torch.testing.assert_close(fused.float(), eager.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-def test_fused_experts_reject_out_of_range_experts():
+def test_fused_experts_reject_out_of_range_experts_and_mismatched_routing():
     experts = make_model().moe_blocks()[0].routed_experts
+    weights = (experts.gate_up_proj, experts.down_proj)
     with pytest.raises(RuntimeError, match=r"expert index out of range \[0, 8\)"):
-        torch.ops.mobilemoe_cpu.moe_experts(
-            torch.randn(1, 64), torch.tensor([[1, 8]]), torch.rand(1, 2), experts.gate_up_proj, experts.down_proj
-        )
+        torch.ops.mobilemoe_cpu.moe_experts(torch.randn(1, 64), torch.tensor([[1, 8]]), torch.rand(1, 2), *weights)
+    with pytest.raises(RuntimeError, match=r"must both be \[tokens, k\] for 2 tokens"):
+        torch.ops.mobilemoe_cpu.moe_experts(torch.randn(2, 64), torch.tensor([[1, 2]]), torch.rand(1, 2), *weights)
 
 
 def test_fused_experts_fall_back_for_prefill_and_training():
@@ -201,20 +223,21 @@ def sdpa_reference(query, key, value, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("head_dim", [16, 72])
-def test_decode_attention_matches_sdpa(instruction_set, dtype, num_queries, head_dim):
-    # 2 key/value heads of 3 query heads each; 37 positions (blocks of four and eight plus remainders); a mask with
-    # gaps, one that differs per batch row, and a row that sees only its last position.
+def test_decode_attention_matches_sdpa(dtype, num_queries, head_dim):
+    # 2 key/value heads of 3 query heads each; 37 positions (blocks of four and eight plus remainders); masks with
+    # gaps, one that differs per batch row with a row that sees only its last position, one shared by the batch.
     query = torch.randn(2, 6, num_queries, head_dim, dtype=dtype)
     key, value = torch.randn(2, 2, 37, head_dim, dtype=dtype), torch.randn(2, 2, 37, head_dim, dtype=dtype)
-    mask = torch.rand(2, 1, num_queries, 37) > 0.3
-    mask[1, :, -1] = False
-    mask[1, :, -1, -1] = True
-    out = torch.ops.mobilemoe_cpu.decode_attention(query, key, value, mask, head_dim**-0.5)
-    assert out.dtype == dtype and out.shape == (2, num_queries, 6, head_dim)
-    torch.testing.assert_close(out.double(), sdpa_reference(query, key, value, mask), atol=TOLERANCE[dtype], rtol=0)
-    if num_queries == 1:  # no mask: every position
-        out = torch.ops.mobilemoe_cpu.decode_attention(query, key, value, None, head_dim**-0.5)
-        torch.testing.assert_close(out.double(), sdpa_reference(query, key, value, None), atol=TOLERANCE[dtype], rtol=0)
+    per_row = torch.rand(2, 1, num_queries, 37) > 0.3
+    per_row[1, :, -1] = False
+    per_row[1, :, -1, -1] = True
+    shared = torch.rand(1, 1, num_queries, 37) > 0.5
+    masks = [per_row, shared] + ([None] if num_queries == 1 else [])  # no mask: one query sees every position
+    for mask in masks:
+        out = torch.ops.mobilemoe_cpu.decode_attention(query, key, value, mask, head_dim**-0.5)
+        assert out.dtype == dtype and out.shape == (2, num_queries, 6, head_dim)
+        expected = sdpa_reference(query, key, value, mask)
+        torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
 def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_rejects_bad_inputs():
@@ -238,8 +261,10 @@ def test_attention_runs_the_kernel_for_decode_only():
             model(input_ids)  # prefill (causal, six queries): transformers' sdpa
         assert not ran("decode_attention", profile)
         with torch.profiler.profile() as profile:
-            model(input_ids[:, :1])  # one query
+            logits = model(input_ids[:, :1]).logits  # one query
         assert ran("decode_attention", profile)
+        with kernels.enabled(False):
+            torch.testing.assert_close(logits, model(input_ids[:, :1]).logits, atol=1e-5, rtol=1e-5)
     with torch.profiler.profile() as profile:
         model(input_ids[:, :1]).logits.sum().backward()  # autograd: sdpa, so gradients flow
     assert not ran("decode_attention", profile)
@@ -257,9 +282,16 @@ def test_model_decode_with_kernels_matches_stock_pytorch(instruction_set, dtype)
         generated = model.generate(input_ids, **settings)
         with kernels.enabled(False):
             stock = model.generate(input_ids, **settings)
+            # Every decode step's logits against stock PyTorch reading the same tokens in one pass (teacher forcing),
+            # so bf16 is checked at each step even where its greedy tokens would diverge.
+            mask = torch.cat([attention_mask, torch.ones(2, settings["max_new_tokens"], dtype=torch.long)], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            reference = model(generated.sequences, attention_mask=mask, position_ids=positions).logits
     if dtype == torch.float32:  # bf16 rounds differently (the kernels accumulate in fp32), so tokens may diverge
         assert torch.equal(generated.sequences, stock.sequences)
-    torch.testing.assert_close(generated.logits[0].float(), stock.logits[0].float(), atol=5e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
+    steps = torch.stack(generated.logits, dim=1).float()
+    expected = reference[:, input_ids.shape[1] - 1 : -1].float()
+    torch.testing.assert_close(steps, expected, atol=5e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

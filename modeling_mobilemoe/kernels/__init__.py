@@ -170,7 +170,10 @@ def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (input.requires_grad or any(weight.requires_grad for weight in weights)):
         return False
-    dtype_ok = input.dtype in _KERNEL_DTYPES and all(weight.dtype == input.dtype for weight in weights)
+    # Plain tensors only: a tensor subclass (torchao's quantized weights) must reach its own dispatch, not the kernels.
+    dtype_ok = input.dtype in _KERNEL_DTYPES and all(
+        weight.dtype == input.dtype and type(weight) in (torch.Tensor, nn.Parameter) for weight in weights
+    )
     layout_ok = all(weight.is_contiguous() and weight.shape[-1] % 8 == 0 for weight in weights)
     return dtype_ok and layout_ok and (_state["loaded"] if torch.compiler.is_compiling() else available())
 
@@ -253,20 +256,20 @@ def cpu_sdpa_attention_forward(
     """transformers' `sdpa` attention for CPUs: few-query inference (decode) runs the `decode_attention` kernel,
     which reads each key/value head once for its whole query group (PyTorch's CPU SDPA took ~220 us a layer for one
     bf16 query at 1k context); anything else is `sdpa_attention_forward` itself."""
-    num_queries, context = query.shape[2], key.shape[2]
-    mask_fits = (
-        num_queries == 1  # one query attends to every key: no causal masking needed
-        if attention_mask is None
-        else attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
-        and attention_mask.shape[-1] == context
-    )
+    bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
     fused = (
-        mask_fits
+        (attention_mask is None or bool_mask)
         and dropout == 0.0
-        and kwargs.get("position_bias") is None
+        and all(kwargs.get(option) is None for option in ("position_bias", "softcap"))
         and not kwargs.get("output_attentions", False)
         and _kernel_applies(query, key, value)
-        and num_queries <= MAX_LINEAR_ROWS  # last, as in `cpu_linear_forward`
+        # Shapes last, as in `cpu_linear_forward`. Without a mask, one query attends to every key (no causal mask).
+        and query.shape[2] <= MAX_LINEAR_ROWS
+        and (
+            query.shape[2] == 1
+            if attention_mask is None
+            else attention_mask.shape[1] == 1 and attention_mask.shape[-1] == key.shape[2]
+        )
     )
     if not fused:
         return sdpa_attention_forward(
@@ -280,8 +283,9 @@ def install(model: nn.Module) -> None:
     """Give `model`'s `nn.Linear` layers `cpu_linear_forward` and its `MobileMoEMLP`s `cpu_mlp_forward` as their
     `forward`, in place. Only the instance's method changes: class, parameters and state dict stay the same, so
     libraries that look for exactly `nn.Linear` (bitsandbytes, torchao, PEFT) still find and replace them. The kernels
-    are built (or loaded) now, so a graph compiled before the first eager forward has them too."""
-    available()
+    are built (or loaded) now for a model on the CPU, so a graph compiled before its first eager forward has them."""
+    if any(parameter.device.type == "cpu" for parameter in model.parameters()):
+        available()
     forwards = {nn.Linear: cpu_linear_forward, MobileMoEMLP: cpu_mlp_forward}
     for module in model.modules():
         forward = forwards.get(type(module))

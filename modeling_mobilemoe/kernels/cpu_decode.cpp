@@ -28,7 +28,9 @@ const char* const kIsaNames[] = {"avx2", "avx512", "avx512_bf16"};
 
 int64_t detected_isa() {
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return kAvx2;
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl")) {
+    return kAvx2;
+  }
   return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
 }
 
@@ -316,6 +318,10 @@ at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_
               "mobilemoe_cpu.moe_experts: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got ",
               gate_up_proj.sizes(), " and ", down_proj.sizes());
   check_input(hidden_states, H, "moe_experts");
+  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.size(0) == hidden_states.size(0) &&
+                  top_k_weights.sizes() == top_k_index.sizes(),
+              "mobilemoe_cpu.moe_experts: top_k_index and top_k_weights must both be [tokens, k] for ",
+              hidden_states.size(0), " tokens, got ", top_k_index.sizes(), " and ", top_k_weights.sizes());
   const at::Tensor experts = top_k_index.to(at::kLong).contiguous();
   const at::Tensor weights = top_k_weights.to(at::kFloat).contiguous();
   const int64_t* expert_ids = experts.data_ptr<int64_t>();
