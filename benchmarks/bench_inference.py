@@ -11,8 +11,8 @@ experts, and a dense MobileLLM-Pro-shaped Llama, side by side in one process, ba
   each round starting one mode later, so slow drifts of a shared machine hit all modes alike; the
   loop-over-all-experts baseline, which needs an extra copy of the experts, runs after the rounds;
 - the median over all rounds; the RSS a mode adds while it runs (what its path materialises) and the RSS of the
-  loaded models; memory bandwidth measured in the same run, so decode speed can be put against the bandwidth limit
-  (active weight + KV bytes per token).
+  loaded models; memory bandwidth measured in every round (the median counts), so decode speed can be put against
+  the bandwidth limit (active weight + KV bytes per token) as the machine was while the modes ran.
 A mode projected to take longer than `--budget-seconds` for one prefill is reported as too slow, not run.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 
 import torch
@@ -139,6 +140,7 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
     decoders = {family: decode_runner(model, args.context) for family, model in models.items()}
     prefills = {family: prefill_runner(model, args.prefill_tokens) for family, model in models.items()}
     interleaved = [mode for mode in args.modes if mode != "mobilemoe-loop-all-experts"]
+    bandwidth, previous_family = [], None
 
     for mode in args.modes:
         family = MODES[mode][0]
@@ -161,8 +163,15 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
             select(models[family], mode)
             recorders[mode].measure("decode", decoders[family], args.decode_steps, warmup=2)
             if results[mode]["prefill"]["status"] == "pending":
-                # The first full-length prefill also creates oneDNN's kernels for its shapes: a warm-up in round one.
-                recorders[mode].measure("prefill", prefills[family], 1, warmup=int(round_index == 0))
+                # A warm-up prefill in round one (it creates oneDNN's kernels for its shapes) and after every switch
+                # of model: the first prefill after another model's took 1-7% longer than the next one (full S,
+                # fp32), a cost that would fall on whichever mode follows a switch.
+                warmup = round_index == 0 or family != previous_family
+                recorders[mode].measure("prefill", prefills[family], 1, warmup=int(warmup))
+            previous_family = family
+        # The bandwidth limit is measured in every round too, so it sees the machine as the modes did (a shared
+        # machine's bandwidth drifts by tens of percent within a run).
+        bandwidth.append(memory_bandwidth(megabytes=512))
         print(f"    round {round_index + 1}/{args.rounds} done", flush=True)
     for family in [family for family in models if family != "mobilemoe"]:  # room for the baseline's expert copies
         del models[family], decoders[family], prefills[family]
@@ -179,7 +188,7 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
         results[mode]["decode"] = recorders[mode].result("decode", 1)
         if results[mode]["prefill"]["status"] == "pending":
             results[mode]["prefill"] = recorders[mode].result("prefill", args.prefill_tokens)
-    return {"modes": results, "models_rss_gib": loading.peak / 2**30}
+    return {"modes": results, "models_rss_gib": loading.peak / 2**30, "memory_bandwidth": bandwidth}
 
 
 def prefill_plan(mode: str, model, run, args, dtype: torch.dtype) -> dict:
@@ -194,6 +203,16 @@ def prefill_plan(mode: str, model, run, args, dtype: torch.dtype) -> dict:
     if projected > args.budget_seconds:
         return {"status": "too slow", "projected_s": projected, "tok_s_below": args.prefill_tokens / projected}
     return {"status": "pending", "projected_s": projected}
+
+
+def add_bandwidth_shares(results: dict[str, dict], bandwidth: dict[str, float]) -> None:
+    """Each mode's decode traffic (active weight + KV bytes per token x tok/s) as a share of the memory bandwidth
+    measured in the same rounds."""
+    for entry in results.values():
+        moved = entry["bytes_per_token"]["weights"] + entry["bytes_per_token"]["kv_cache"]
+        for kind in ("read", "copy"):
+            share = moved * entry["decode"]["tok_s"] / (bandwidth[f"{kind}_gb_s"] * 1e9)
+            entry["decode"][f"fraction_of_{kind}_bandwidth"] = share
 
 
 def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
@@ -234,19 +253,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     out, report = start_report("inference", args)
-    report["memory_bandwidth"] = memory_bandwidth()
-    bandwidth = report["memory_bandwidth"]
-    print(f"machine: {report['machine']}\nmemory bandwidth: {bandwidth}")
+    print(f"machine: {report['machine']}")
     for dtype_name in args.dtypes:
         print(f"[{dtype_name}] {', '.join(args.modes)}", flush=True)
         measured = run_dtype(args, DTYPES[dtype_name])
         gc.collect()  # this dtype's models go before the next dtype's are built
         results = report["results"][dtype_name] = measured["modes"]
         report.setdefault("models_rss_gib", {})[dtype_name] = measured["models_rss_gib"]
-        for entry in results.values():
-            moved = entry["bytes_per_token"]["weights"] + entry["bytes_per_token"]["kv_cache"]
-            entry["decode"]["fraction_of_read_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["read_gb_s"] * 1e9)
-            entry["decode"]["fraction_of_copy_bandwidth"] = moved * entry["decode"]["tok_s"] / (bandwidth["copy_gb_s"] * 1e9)
+        samples = measured["memory_bandwidth"]
+        bandwidth = {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+        report.setdefault("memory_bandwidth", {})[dtype_name] = {**bandwidth, "per_round": samples}
+        print(f"memory bandwidth (median of the rounds): {bandwidth}", flush=True)
+        add_bandwidth_shares(results, bandwidth)
         report["ratios"][dtype_name] = {phase: ratios(results, phase) for phase in ("decode", "prefill")}
         write_json(out, report)
 

@@ -270,6 +270,132 @@ def test_attention_runs_the_kernel_for_decode_only():
     assert not ran("decode_attention", profile)
 
 
+def decode_step(model, input_ids, **kwargs):
+    """One decode step (the last token, after a prefill of the others) with the kernels and with stock PyTorch, and
+    the profile of the kernel step."""
+    with torch.no_grad():
+        cache = model(input_ids[:, :-1], use_cache=True).cache
+        stock_cache = copy.deepcopy(cache)
+        with torch.profiler.profile() as profile:
+            out = model(input_ids[:, -1:], cache=cache, use_cache=True, **kwargs)
+        with kernels.enabled(False):
+            stock = model(input_ids[:, -1:], cache=stock_cache, use_cache=True, **kwargs)
+    return out, stock, profile
+
+
+def runs(operator: str, profile) -> int:
+    return sum(event.name == f"mobilemoe_cpu::{operator}" for event in profile.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(use_qk_norm=False, norm_topk_prob=False, routed_scaling_factor=2.5)], ids=["default", "options"]
+)
+def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(instruction_set, dtype, overrides):
+    # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a batch of two decoding together.
+    model = make_model(num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], **overrides)
+    model = model.to(dtype)
+    assert all(layer.forward.__func__ is kernels.cpu_decoder_layer_forward for layer in model.model.layers)
+    out, stock, profile = decode_step(model, tokens(batch=2, length=7))
+    layers = model.config.num_hidden_layers  # bf16 too on every instruction set, unlike lone linears
+    assert runs("attention_input", profile) == runs("layer_output", profile) == layers
+    torch.testing.assert_close(out.logits, stock.logits, atol=TOLERANCE[dtype], rtol=0)
+    for layer in range(model.config.num_hidden_layers):  # the cache holds the same keys and values
+        keys, stock_keys = out.cache.layers[layer].keys, stock.cache.layers[layer].keys
+        torch.testing.assert_close(keys, stock_keys, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_decoder_layer_runs_its_own_forward_where_the_operators_would_skip_something():
+    model = make_model()
+    input_ids = tokens(batch=1, length=6)
+
+    def fused_layers(**kwargs) -> int:
+        out, stock, profile = decode_step(model, input_ids, **kwargs)
+        torch.testing.assert_close(out.logits, stock.logits, atol=1e-5, rtol=0)
+        return runs("layer_output", profile)
+
+    assert fused_layers() == 2
+    # Router logits and attentions are captured from modules inside the layer, so the layer runs them.
+    assert fused_layers(output_router_logits=True) == fused_layers(output_attentions=True) == 0
+    out, _, _ = decode_step(model, input_ids, output_router_logits=True, output_hidden_states=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (1, 8)
+    assert fused_layers(output_hidden_states=True) == 2  # captured at the layer, which still runs its hooks
+    # Hooks anywhere inside (here a router hook on the first layer, global module hooks) run.
+    seen = []
+    handle = model.moe_blocks()[0].router.register_forward_hook(lambda *args: seen.append("router"))
+    assert fused_layers() == 1 and seen == ["router"] * 3  # the prefill, the kernel step and the stock one
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, *args: seen.append(module))
+    try:
+        assert fused_layers() == 0
+    finally:
+        handle.remove()
+    assert any(isinstance(module, torch.nn.Linear) for module in seen)
+    # Other experts or attention implementations, prefill, training and autograd run the layer's own forward.
+    model.set_experts_implementation("grouped_mm")
+    assert fused_layers() == 0
+    model.set_experts_implementation("sorted_mm")
+    model.set_attn_implementation("eager")
+    assert fused_layers() == 0
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(input_ids)
+    assert not ran("layer_output", profile)
+    with torch.profiler.profile() as profile:
+        model(input_ids[:, :1]).logits.sum().backward()
+    assert not ran("layer_output", profile)
+    assert all(parameter.grad is not None for parameter in model.model.layers[0].parameters())
+    model.train()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(input_ids[:, :1])
+    assert not ran("layer_output", profile)
+
+
+def test_decoder_layers_with_lora_adapters_run_them():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(make_model(), config).eval()
+    input_ids = tokens(batch=1, length=6)
+    out, stock, profile = decode_step(model, input_ids)
+    assert runs("layer_output", profile) == 0  # every layer has an adapted q_proj
+    torch.testing.assert_close(out.logits, stock.logits, atol=1e-5, rtol=0)
+    with model.disable_adapter():
+        base, _, _ = decode_step(model, input_ids)
+    assert (out.logits - base.logits).abs().max() > 1e-3  # the adapters took part
+
+
+def test_layer_operators_reject_mismatched_inputs_with_the_reason():
+    hidden, norm = torch.randn(1, 1, 16), torch.ones(16)
+    weights = torch.randn(32, 16), torch.randn(16, 16), torch.randn(16, 16)
+    angles = torch.randn(1, 1, 8)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[B or 1, T, 8\]"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 8, angles[..., :4], angles[..., :4], None)
+    with pytest.raises(RuntimeError, match="give both cos and sin"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 8, angles, None, None)
+    with pytest.raises(RuntimeError, match="do not split into heads of 12"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 12, None, None, None)
+    with pytest.raises(RuntimeError, match=r"norm weight must be \[16\]"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, torch.ones(8), 1e-5, *weights, 8, None, None, None)
+    mlp = torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32)
+    attention = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="a router needs expert_bias"):
+        torch.ops.mobilemoe_cpu.layer_output(
+            attention, hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, torch.randn(8, 16), None, None, None, 2,
+            True, 1.0,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match="router and expert_bias must be float32"):
+        torch.ops.mobilemoe_cpu.layer_output(
+            attention, hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, torch.randn(8, 16).double(),
+            torch.zeros(8), torch.randn(8, 64, 16), torch.randn(8, 16, 32), 2, True, 1.0,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"residual must be \[B, T, H\] and attention"):
+        torch.ops.mobilemoe_cpu.layer_output(
+            attention[..., :4], hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, None, None, None, None, 0, False,
+            1.0,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_decode_with_kernels_matches_stock_pytorch(instruction_set, dtype):
     model = make_model().to(dtype)

@@ -205,7 +205,7 @@ void linear_rows(const W* w, const X* x, float* y, int64_t M, int64_t N, int64_t
   });
 }
 
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor streamed_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_weight(weight, 2, "weight");
   const int64_t K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(input.size(-1) == K, "mobilemoe_cpu.linear: input has ", input.size(-1), " features, weight ", K);
@@ -477,6 +477,148 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   return out.to(query.scalar_type());
 }
 
+// ---- A decoder layer's steps around attention ------------------------------------------------------------------
+// Eager PyTorch runs a decode step of one layer as ~350 operator calls (norms, projections, RoPE, QK-norm, routing,
+// residuals). These two operators run the steps before and after attention in one call each (full S decode steps
+// measured 1.16-1.25x faster, fp32 and bf16, on 2 cores). They round to the activation dtype wherever the eager layer does (every
+// bf16 operator's result is bf16), so they agree with it to the dtype's precision.
+
+// Rounds v to T and back (identity for float): where an eager operator would store a T result.
+template <typename T>
+inline float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// y = weight * T(x / rms(x)) over rows of H values, normalised in fp32 (MobileMoERMSNorm); no weight: T(x / rms(x))
+// (the weightless QK-norm).
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* y, int64_t rows, int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; ++r, x += H, y += H) {
+    float squares = 0.0f;
+    for (int64_t h = 0; h < H; ++h) squares += static_cast<float>(x[h]) * static_cast<float>(x[h]);
+    const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(H) + eps);
+    for (int64_t h = 0; h < H; ++h) {
+      const float normalized = rounded<T>(static_cast<float>(x[h]) * inverse_rms);
+      y[h] = static_cast<T>(weight == nullptr ? normalized : static_cast<float>(weight[h]) * normalized);
+    }
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.scalar_type() == x.scalar_type(),
+              "mobilemoe_cpu: the norm weight must be [", H, "] in the activations' dtype, got ", weight.scalar_type(),
+              " ", weight.sizes());
+  const at::Tensor input = x.contiguous(), scale = weight.contiguous();
+  at::Tensor out = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mobilemoe_cpu.rms_norm", [&] {
+    rms_norm_rows(input.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.numel() / H,
+                  H, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// One head's row of D values, in place: rotate-half RoPE, (x * cos) + (rotate_half(x) * sin) with each product rounded
+// to T, then, if qk_norm_eps is set, the weightless QK-norm.
+template <typename T>
+void position_head(T* x, const T* cos, const T* sin, c10::optional<double> qk_norm_eps, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) {  // rotate_half pairs dimension d with d + D / 2: (x1, x2) -> (-x2, x1)
+    const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[d + half]);
+    x[d] = static_cast<T>(rounded<T>(x1 * static_cast<float>(cos[d])) + rounded<T>(-x2 * static_cast<float>(sin[d])));
+    x[d + half] = static_cast<T>(rounded<T>(x2 * static_cast<float>(cos[d + half])) +
+                                 rounded<T>(x1 * static_cast<float>(sin[d + half])));
+  }
+  if (qk_norm_eps.has_value()) rms_norm_rows<T>(x, nullptr, x, 1, D, static_cast<float>(*qk_norm_eps));
+}
+
+// Rows [B * T, heads * D] of a projection as [B, heads, T, D], with RoPE and QK-norm applied where cos is given.
+at::Tensor to_heads(const at::Tensor& projected, int64_t B, int64_t T, int64_t D, const at::Tensor& cos,
+                    const at::Tensor& sin, c10::optional<double> qk_norm_eps) {
+  const int64_t heads = projected.size(-1) / D;
+  at::Tensor out = projected.view({B, T, heads, D}).transpose(1, 2).contiguous();
+  if (!cos.defined()) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mobilemoe_cpu.attention_input", [&] {
+    scalar_t* rows = out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t angles = b * cos.stride(0) + t * cos.stride(1);
+          position_head(rows + ((b * heads + h) * T + t) * D, cos.data_ptr<scalar_t>() + angles,
+                        sin.data_ptr<scalar_t>() + angles, qk_norm_eps, D);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The steps of a decoder layer before the KV cache: input RMSNorm, q/k/v projections, and on RoPE layers RoPE then the
+// weightless QK-norm (if qk_norm_eps is set). hidden_states [B, T, H]; cos and sin [B or 1, T, D] in its dtype.
+// Returns query [B, Hq, T, D], key and value [B, Hkv, T, D], the layout transformers' caches and attention take.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
+    const at::Tensor& hidden_states, const at::Tensor& norm_weight, double eps, const at::Tensor& q_proj,
+    const at::Tensor& k_proj, const at::Tensor& v_proj, int64_t head_dim, const c10::optional<at::Tensor>& cos,
+    const c10::optional<at::Tensor>& sin, c10::optional<double> qk_norm_eps) {
+  TORCH_CHECK(hidden_states.dim() == 3, "mobilemoe_cpu.attention_input: hidden_states must be [B, T, H], got ",
+              hidden_states.sizes());
+  const int64_t B = hidden_states.size(0), T = hidden_states.size(1), D = head_dim;
+  TORCH_CHECK(D > 0 && D % 2 == 0 && q_proj.size(0) % D == 0 && k_proj.size(0) % D == 0 && v_proj.sizes() == k_proj.sizes(),
+              "mobilemoe_cpu.attention_input: q_proj ", q_proj.sizes(), ", k_proj ", k_proj.sizes(), " and v_proj ",
+              v_proj.sizes(), " do not split into heads of ", D);
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "mobilemoe_cpu.attention_input: give both cos and sin or neither");
+  at::Tensor cos_bt, sin_bt;
+  if (cos.has_value()) {
+    TORCH_CHECK(cos->dim() == 3 && (cos->size(0) == B || cos->size(0) == 1) && cos->size(1) == T &&
+                    cos->size(2) == D && cos->sizes() == sin->sizes() && cos->scalar_type() == hidden_states.scalar_type(),
+                "mobilemoe_cpu.attention_input: cos and sin must be [B or 1, T, ", D, "] in the activations' dtype, got ",
+                cos->sizes(), " and ", sin->sizes());
+    cos_bt = cos->contiguous().expand({B, T, D});  // [1, T, D]: one row of angles for the whole batch
+    sin_bt = sin->contiguous().expand({B, T, D});
+  }
+  const at::Tensor normed = rms_norm(hidden_states, norm_weight, eps);
+  const at::Tensor query = streamed_linear(normed, q_proj, c10::nullopt);
+  const at::Tensor key = streamed_linear(normed, k_proj, c10::nullopt);
+  const at::Tensor value = streamed_linear(normed, v_proj, c10::nullopt);
+  return {to_heads(query, B, T, D, cos_bt, sin_bt, qk_norm_eps), to_heads(key, B, T, D, cos_bt, sin_bt, qk_norm_eps),
+          to_heads(value, B, T, D, at::Tensor(), at::Tensor(), c10::nullopt)};
+}
+
+// The steps of a decoder layer after attention: o_proj, residual, post-attention RMSNorm, the feed-forward and the
+// second residual. attention [B, T, Hq, D] (what attention functions return), residual [B, T, H]. The feed-forward is
+// the SwiGLU MLP gate/up/down (a dense layer's FFN, or an MoE layer's shared expert) plus, where router is given, the
+// routed experts: FP32 sigmoid router, top-k of scores + expert_bias (torch.topk, so ties break as in the eager
+// layer), weights from the raw scores (normalised if norm_topk_prob) times routed_scaling_factor.
+at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual, const at::Tensor& o_proj,
+                        const at::Tensor& norm_weight, double eps, const at::Tensor& gate, const at::Tensor& up,
+                        const at::Tensor& down, const c10::optional<at::Tensor>& router,
+                        const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& gate_up_proj,
+                        const c10::optional<at::Tensor>& down_proj, int64_t top_k, bool norm_topk_prob,
+                        double routed_scaling_factor) {
+  TORCH_CHECK(residual.dim() == 3 && attention.numel() == residual.size(0) * residual.size(1) * o_proj.size(-1),
+              "mobilemoe_cpu.layer_output: residual must be [B, T, H] and attention [B, T, ...], got ",
+              residual.sizes(), " and ", attention.sizes());
+  const int64_t H = residual.size(2);
+  const at::Tensor attended =
+      streamed_linear(attention.reshape({residual.size(0), residual.size(1), -1}), o_proj, c10::nullopt);
+  const at::Tensor hidden = residual + attended;
+  const at::Tensor normed = rms_norm(hidden, norm_weight, eps).view({-1, H});
+  at::Tensor ffn = swiglu_mlp(normed, gate, up, down);
+  if (router.has_value()) {
+    TORCH_CHECK(expert_bias.has_value() && gate_up_proj.has_value() && down_proj.has_value(),
+                "mobilemoe_cpu.layer_output: a router needs expert_bias, gate_up_proj and down_proj");
+    TORCH_CHECK(router->scalar_type() == at::kFloat && expert_bias->scalar_type() == at::kFloat,
+                "mobilemoe_cpu.layer_output: the router and expert_bias must be float32 (routing is FP32)");
+    const at::Tensor scores = streamed_linear(normed.to(at::kFloat), *router, c10::nullopt).sigmoid();
+    const at::Tensor top_k_index = std::get<1>(at::topk(scores + *expert_bias, top_k, -1));
+    at::Tensor top_k_weights = scores.gather(-1, top_k_index);
+    if (norm_topk_prob) top_k_weights = top_k_weights / (top_k_weights.sum(-1, true) + 1e-20);
+    top_k_weights = top_k_weights * routed_scaling_factor;
+    ffn = moe_experts(normed, top_k_index, top_k_weights, *gate_up_proj, *down_proj) + ffn;
+  }
+  return hidden + ffn.view(hidden.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mobilemoe_cpu, m) {
@@ -485,12 +627,19 @@ TORCH_LIBRARY(mobilemoe_cpu, m) {
         "Tensor down_proj) -> Tensor");
   m.def("swiglu_mlp(Tensor hidden_states, Tensor gate, Tensor up, Tensor down) -> Tensor");
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
+  m.def("attention_input(Tensor hidden_states, Tensor norm_weight, float eps, Tensor q_proj, Tensor k_proj, "
+        "Tensor v_proj, int head_dim, Tensor? cos, Tensor? sin, float? qk_norm_eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_output(Tensor attention, Tensor residual, Tensor o_proj, Tensor norm_weight, float eps, Tensor gate, "
+        "Tensor up, Tensor down, Tensor? router, Tensor? expert_bias, Tensor? gate_up_proj, Tensor? down_proj, "
+        "int top_k, bool norm_topk_prob, float routed_scaling_factor) -> Tensor");
   m.def("instruction_set(str? limit=None) -> str", &instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(mobilemoe_cpu, CPU, m) {
-  m.impl("linear", &linear);
+  m.impl("linear", &streamed_linear);
   m.impl("moe_experts", &moe_experts);
   m.impl("swiglu_mlp", &swiglu_mlp);
   m.impl("decode_attention", &decode_attention);
+  m.impl("attention_input", &attention_input);
+  m.impl("layer_output", &layer_output);
 }
