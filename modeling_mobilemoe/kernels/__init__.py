@@ -355,8 +355,16 @@ def cpu_decoder_layer_forward(
         and hidden_states.shape[0] * hidden_states.shape[1] <= MAX_LINEAR_ROWS  # last, as in `cpu_linear_forward`
     )
     if not fused:
+        # By keyword, as the model calls it: the class's checkpointing and `past_key_values` wrappers read keywords.
         return MobileMoEDecoderLayer.forward(
-            self, hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings, **kwargs
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
         )
     cos, sin = position_embeddings if attention.use_rope else (None, None)
     query, key, value = torch.ops.mobilemoe_cpu.attention_input(
