@@ -65,8 +65,12 @@ def test_linear_rejects_unsupported_weights_with_the_reason():
         torch.ops.mobilemoe_cpu.linear(torch.randn(1, 16).half(), torch.randn(4, 16).half(), None)
 
 
+def runs(operator: str, profile) -> int:
+    return sum(event.name == f"mobilemoe_cpu::{operator}" for event in profile.events())
+
+
 def ran(operator: str, profile) -> bool:
-    return any(event.name == f"mobilemoe_cpu::{operator}" for event in profile.events())
+    return runs(operator, profile) > 0
 
 
 def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instruction_set):
@@ -283,13 +287,11 @@ def decode_step(model, input_ids, **kwargs):
     return out, stock, profile
 
 
-def runs(operator: str, profile) -> int:
-    return sum(event.name == f"mobilemoe_cpu::{operator}" for event in profile.events())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "overrides", [{}, dict(use_qk_norm=False, norm_topk_prob=False, routed_scaling_factor=2.5)], ids=["default", "options"]
+    "overrides",
+    [{}, dict(use_qk_norm=False, norm_topk_prob=False, routed_scaling_factor=2.5)],
+    ids=["default", "options"],
 )
 def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(instruction_set, dtype, overrides):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a batch of two decoding together.

@@ -226,6 +226,11 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return F.linear(input, self.weight, self.bias)
 
 
+def _global_module_hooks() -> bool:
+    """Forward hooks registered for every module (`register_module_forward_hook`), which a fused operator would skip."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 def _is_plain_kernel_linear(module: nn.Module) -> bool:
     """An `nn.Linear` without bias that runs `cpu_linear_forward` with nothing hooked in: not replaced or wrapped
     since `install` (PEFT's LoRA layers, QAT's fake-quantized linears, bitsandbytes, accelerate's offload hooks)."""
@@ -235,25 +240,41 @@ def _is_plain_kernel_linear(module: nn.Module) -> bool:
         and module.bias is None
         and getattr(forward, "__func__", None) is cpu_linear_forward
         and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+        and not _global_module_hooks()
+    )
+
+
+def _swiglu_mlp_weights(mlp: MobileMoEMLP) -> tuple[torch.Tensor, ...] | None:
+    """gate, up and down weights where `swiglu_mlp` computes what `mlp` does (SiLU, plain kernel linears), or None."""
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)) and all(map(_is_plain_kernel_linear, projections)):
+        return tuple(projection.weight for projection in projections)
+    return None
+
+
+def _moe_experts_fit(experts: nn.Module) -> bool:
+    """`moe_experts` computes what these experts do: SiLU, no QAT activation quantizer, not exporters' packed INT4."""
+    return (
+        isinstance(experts.act_fn, (nn.SiLU, SiLUActivation))
+        and getattr(experts, "activation_fake_quantizer", None) is None
+        and getattr(experts, "gather_weights", None) is None
     )
 
 
 def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Tensor:
     """`MobileMoEMLP.forward` for CPUs (the shared expert): few-row inference runs gate, up, SwiGLU and down as one
     operator, on the dtypes the linear kernel takes; anything else is the module's own forward."""
-    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    weights = _swiglu_mlp_weights(self)
     fused = (
-        isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
-        and all(_is_plain_kernel_linear(projection) for projection in projections)
-        and _kernel_applies(hidden_states, *(projection.weight for projection in projections))
+        weights is not None
+        and _kernel_applies(hidden_states, *weights)
         and hidden_states.dtype in _state["linear_dtypes"]
         and hidden_states.numel() <= MAX_LINEAR_ROWS * hidden_states.shape[-1]  # last, as in `cpu_linear_forward`
     )
     if not fused:
         return MobileMoEMLP.forward(self, hidden_states)
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    out = torch.ops.mobilemoe_cpu.swiglu_mlp(rows, *(projection.weight for projection in projections))
+    out = torch.ops.mobilemoe_cpu.swiglu_mlp(rows, *weights)
     return out.view(hidden_states.shape)
 
 
@@ -266,7 +287,7 @@ def _runs_unhooked(*modules: nn.Module) -> bool:
     """Nothing hooks into these modules' calls, which a fused operator skips: no global module hooks, no hooks of
     their own except transformers' output-capturing ones while they capture nothing from inside a layer (router
     logits, attentions; a layer's hidden states are captured at the layer, which still runs its hooks)."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if _global_module_hooks():
         return False
     collected = _active_collector.get()
     if collected and any(key not in ("hidden_states", "_hidden_states_layers") for key in collected):
@@ -278,11 +299,12 @@ def _runs_unhooked(*modules: nn.Module) -> bool:
     return True
 
 
-def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """The weights `layer_output` takes for a layer's feed-forward (a `MobileMoEMLP`, or a `MobileMoESparseMoeBlock`
-    whose experts run the default `sorted_mm` or `cpu_fused`), None where it runs anything else."""
+def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[tuple[nn.Module, ...], tuple[torch.Tensor, ...]] | None:
+    """For a layer's feed-forward that `layer_output` computes (a `MobileMoEMLP`, or a `MobileMoESparseMoeBlock` whose
+    experts run the default `sorted_mm` or `cpu_fused`): the modules it would skip (for the hook check) and the
+    weights it takes. None where it runs anything else."""
     if type(feed_forward) is MobileMoEMLP:
-        mlp, routing = feed_forward, ()
+        mlp, skipped, routing = feed_forward, (), ()
     elif _is_stock(feed_forward, MobileMoESparseMoeBlock):
         router, experts, mlp = feed_forward.router, feed_forward.routed_experts, feed_forward.shared_expert
         if not (
@@ -290,24 +312,18 @@ def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[torch.Tensor, ...] |
             and _is_stock(experts, MobileMoEExperts)
             and type(mlp) is MobileMoEMLP
             and experts.config._experts_implementation in ("sorted_mm", "cpu_fused")
-            and isinstance(experts.act_fn, (nn.SiLU, SiLUActivation))
-            and getattr(experts, "activation_fake_quantizer", None) is None
-            and getattr(experts, "gather_weights", None) is None
+            and _moe_experts_fit(experts)
             and type(router.weight) is nn.Parameter
-            and _runs_unhooked(feed_forward, router, experts)
         ):
             return None
+        skipped = (feed_forward, router, experts)
         routing = (router.weight, feed_forward.expert_bias, experts.gate_up_proj, experts.down_proj)
     else:
         return None
-    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if getattr(vars(mlp).get("forward"), "__func__", None) is not cpu_mlp_forward or not (
-        isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation))
-        and all(_is_plain_kernel_linear(projection) for projection in projections)
-        and _runs_unhooked(mlp)
-    ):
+    mlp_weights = _swiglu_mlp_weights(mlp)
+    if getattr(vars(mlp).get("forward"), "__func__", None) is not cpu_mlp_forward or mlp_weights is None:
         return None
-    return (*(projection.weight for projection in projections), *routing)
+    return (*skipped, mlp), (*mlp_weights, *routing)
 
 
 def cpu_decoder_layer_forward(
@@ -329,9 +345,12 @@ def cpu_decoder_layer_forward(
     router logits or attentions) is the layer's own forward."""
     attention = self.self_attn
     projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-    feed_forward = None if self.training or torch.compiler.is_compiling() else _fusable_feed_forward(self.feed_forward)
+    qk_norm = () if attention.qk_norm is None else (attention.qk_norm,)
+    norms = (self.input_layernorm, self.post_attention_layernorm, *qk_norm)
+    fusable = None if self.training or torch.compiler.is_compiling() else _fusable_feed_forward(self.feed_forward)
+    feed_forward_modules, feed_forward = fusable or ((), None)
     fused = (
-        feed_forward is not None
+        fusable is not None
         and _is_stock(attention, MobileMoEAttention)
         and _is_stock(self.input_layernorm, MobileMoERMSNorm)
         and _is_stock(self.post_attention_layernorm, MobileMoERMSNorm)
@@ -340,8 +359,7 @@ def cpu_decoder_layer_forward(
         and not kwargs.get("output_attentions", False)
         and "past_key_values" not in kwargs
         and all(_is_plain_kernel_linear(projection) for projection in projections)
-        and _runs_unhooked(attention, self.input_layernorm, self.post_attention_layernorm)
-        and (attention.qk_norm is None or _runs_unhooked(attention.qk_norm))
+        and _runs_unhooked(attention, *norms, *feed_forward_modules)
         and (position_embeddings is not None or not attention.use_rope)
         and _kernel_applies(
             hidden_states,
@@ -405,9 +423,7 @@ def cpu_fused_experts_forward(
     """Few-slot inference: gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator that
     reads only their rows; anything else (prefill, training, QAT, other activations) runs `sorted_mm`'s formulations."""
     fused = (
-        isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
-        and getattr(self, "activation_fake_quantizer", None) is None
-        and getattr(self, "gather_weights", None) is None  # the exporters' packed INT4 experts
+        _moe_experts_fit(self)
         and _kernel_applies(hidden_states, self.gate_up_proj, self.down_proj)
         and top_k_index.numel() <= MAX_FUSED_SLOTS  # last, as in `cpu_linear_forward`
     )
@@ -457,8 +473,9 @@ def cpu_sdpa_attention_forward(
 
 def install(model: nn.Module) -> None:
     """Give `model`'s `nn.Linear` layers `cpu_linear_forward`, its `MobileMoEMLP`s `cpu_mlp_forward` and its decoder
-    layers `cpu_decoder_layer_forward` as their `forward`, in place. Only the instance's method changes: class, parameters and state dict stay the same, so
-    libraries that look for exactly `nn.Linear` (bitsandbytes, torchao, PEFT) still find and replace them. The kernels
+    layers `cpu_decoder_layer_forward` as their `forward`, in place. Only the instance's method changes: class,
+    parameters and state dict stay the same, so libraries that look for exactly `nn.Linear` (bitsandbytes, torchao,
+    PEFT) still find and replace them. The kernels
     are built (or loaded) now for a model on the CPU, so a graph compiled before its first eager forward has them."""
     if any(parameter.device.type == "cpu" for parameter in model.parameters()):
         available()
