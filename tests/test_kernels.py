@@ -142,13 +142,14 @@ def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 2, 4, 40])  # streamed slots, and a grouped GEMM (40 tokens, 80 slots)
 def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
     top_k_weights = torch.rand(num_tokens, 2)
-    # Repeated experts across tokens, most experts idle, and a tie in the routing weights.
-    top_k_index = torch.tensor([[3, 5], [5, 3], [3, 0], [7, 5]])[:num_tokens]
+    # Repeated experts across tokens, idle experts (6 always), and a tie in the routing weights.
+    first_tokens = torch.tensor([[3, 5], [5, 3], [3, 0], [7, 5]])
+    top_k_index = torch.cat([first_tokens, torch.rand(num_tokens, 6).topk(2).indices])[:num_tokens]
     top_k_weights[0, 1] = top_k_weights[0, 0]
     fused, eager = run_experts(experts, ("cpu_fused", "eager"), hidden, top_k_index, top_k_weights)
     assert fused.dtype == dtype
@@ -164,27 +165,39 @@ def test_fused_experts_reject_out_of_range_experts_and_mismatched_routing():
         torch.ops.mobilemoe_cpu.moe_experts(torch.randn(2, 64), torch.tensor([[1, 2]]), torch.rand(1, 2), *weights)
 
 
-def test_fused_experts_fall_back_for_prefill_and_training():
-    experts = make_model().moe_blocks()[0].routed_experts
+def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_for_training(monkeypatch):
+    experts = make_model().to(torch.bfloat16).moe_blocks()[0].routed_experts
     experts.config._experts_implementation = "cpu_fused"
-    many = kernels.MAX_FUSED_SLOTS // 2 + 1  # top-2: one slot more than the fused operator takes
-    hidden, top_k_index = torch.randn(many, 64), torch.randint(0, 8, (many, 2))
+    many = kernels.MAX_FUSED_SLOTS // 2 + 1  # top-2: one slot more than the operator streams
+    hidden, top_k_index = torch.randn(many, 64, dtype=torch.bfloat16), torch.rand(many, 8).topk(2).indices
     top_k_weights = torch.rand(many, 2)
-    with torch.profiler.profile() as profile:
-        out = experts(hidden, top_k_index, top_k_weights)  # grad enabled and more slots: the sorted path
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        experts(hidden, top_k_index, top_k_weights)
+    assert ran("moe_experts", profile)
+    # A CPU without native bf16 matmuls: the sorted path, which upcasts each expert's rows to float32.
+    monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: dtype == torch.bfloat16)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        experts(hidden, top_k_index, top_k_weights)
     assert not ran("moe_experts", profile)
-    out.sum().backward()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        experts(hidden[:2], top_k_index[:2], top_k_weights[:2])  # streamed slots in bf16 on every instruction set
+    assert ran("moe_experts", profile)
+    with torch.profiler.profile() as profile:
+        out = experts(hidden, top_k_index, top_k_weights)  # autograd: the sorted path
+    assert not ran("moe_experts", profile)
+    out.float().sum().backward()
     assert experts.gate_up_proj.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_mlp_matches_float64_reference(instruction_set, dtype):
+@pytest.mark.parametrize("rows", [3, 9])  # streamed, and GEMMs with one SwiGLU pass
+def test_swiglu_mlp_matches_float64_reference(instruction_set, dtype, rows):
     gate, up = torch.randn(40, 72, dtype=dtype), torch.randn(40, 72, dtype=dtype)
     down = torch.randn(72, 40, dtype=dtype)
-    x = torch.randn(3, 72, dtype=dtype) / 4
+    x = torch.randn(rows, 72, dtype=dtype) / 4
     expected = F.linear(F.silu(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()), down.double())
     out = torch.ops.mobilemoe_cpu.swiglu_mlp(x, gate, up, down)
-    assert out.dtype == dtype and out.shape == (3, 72)
+    assert out.dtype == dtype and out.shape == (rows, 72)
     scale = expected.abs().max().item()  # bf16 rounds the SwiGLU output before the down projection, as PyTorch does
     torch.testing.assert_close(out.double() / scale, expected / scale, atol=TOLERANCE[dtype], rtol=0)
 
@@ -198,11 +211,16 @@ def test_swiglu_mlp_rejects_mismatched_weights_with_the_reason():
         )
 
 
-def test_shared_expert_runs_one_operator_at_decode_and_its_own_forward_otherwise():
+def test_shared_expert_runs_one_operator_at_inference_and_its_own_forward_otherwise():
     mlp = make_model().moe_blocks()[0].shared_expert
     assert mlp.forward.__func__ is kernels.cpu_mlp_forward
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
+        prefill = torch.randn(2, 9, 64)
+        with torch.profiler.profile() as profile:
+            out = mlp(prefill)
+        assert ran("swiglu_mlp", profile)
+        torch.testing.assert_close(out, type(mlp).forward(mlp, prefill), atol=1e-5, rtol=1e-5)
         expected = type(mlp).forward(mlp, x)
         with torch.profiler.profile() as profile:
             out = mlp(x)
@@ -307,6 +325,40 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
         torch.testing.assert_close(keys, stock_keys, atol=TOLERANCE[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
+    # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
+    # the experts (2 x 12 tokens, 48 slots), transformers' sdpa with the padding mask.
+    model = make_model(num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], routed_scaling_factor=1.7)
+    model = model.to(dtype)
+    input_ids = tokens(batch=2, length=12)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0
+    with torch.no_grad():
+        with torch.profiler.profile() as profile:
+            out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        with kernels.enabled(False):
+            stock = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    assert runs("attention_input", profile) == runs("layer_output", profile) == 4
+    kept = attention_mask.bool()
+    torch.testing.assert_close(out.logits[kept], stock.logits[kept], atol=TOLERANCE[dtype], rtol=0)
+    for layer in range(4):
+        torch.testing.assert_close(out.cache.layers[layer].keys, stock.cache.layers[layer].keys, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_bf16_prefill_runs_the_layer_where_the_cpu_has_no_native_bf16_matmul(monkeypatch):
+    # There the modules upcast bf16 GEMMs to float32 (see `cpu_linear_forward`); decode steps stay fused.
+    monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: dtype == torch.bfloat16)
+    model = make_model().to(torch.bfloat16)
+    input_ids = tokens(batch=1, length=6)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(input_ids)
+    assert not ran("layer_output", profile)
+    out, stock, profile = decode_step(model, input_ids)
+    assert runs("layer_output", profile) == 2
+    torch.testing.assert_close(out.logits, stock.logits, atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
 def test_decoder_layer_runs_its_own_forward_where_the_operators_would_skip_something():
     model = make_model()
     input_ids = tokens(batch=1, length=6)
@@ -333,16 +385,13 @@ def test_decoder_layer_runs_its_own_forward_where_the_operators_would_skip_somet
     finally:
         handle.remove()
     assert any(isinstance(module, torch.nn.Linear) for module in seen)
-    # Other experts or attention implementations, prefill, training and autograd run the layer's own forward.
+    # Other experts or attention implementations, training and autograd run the layer's own forward.
     model.set_experts_implementation("grouped_mm")
     assert fused_layers() == 0
     model.set_experts_implementation("sorted_mm")
     model.set_attn_implementation("eager")
     assert fused_layers() == 0
     model.set_attn_implementation("sdpa")
-    with torch.no_grad(), torch.profiler.profile() as profile:
-        model(input_ids)
-    assert not ran("layer_output", profile)
     with torch.profiler.profile() as profile:
         model(input_ids[:, :1]).logits.sum().backward()
     assert not ran("layer_output", profile)
@@ -351,6 +400,13 @@ def test_decoder_layer_runs_its_own_forward_where_the_operators_would_skip_somet
     with torch.no_grad(), torch.profiler.profile() as profile:
         model(input_ids[:, :1])
     assert not ran("layer_output", profile)
+    # Training only the routers: a gradient must reach them.
+    model.eval().requires_grad_(False)
+    router = model.moe_blocks()[-1].router
+    router.weight.requires_grad_(True)
+    with torch.profiler.profile() as profile:
+        model(input_ids[:, :1]).logits.sum().backward()
+    assert runs("layer_output", profile) == 1 and router.weight.grad is not None  # the first layer has nothing to train
 
 
 def test_decoder_layers_with_lora_adapters_run_them():
@@ -370,17 +426,17 @@ def test_decoder_layers_with_lora_adapters_run_them():
 def test_layer_operators_reject_mismatched_inputs_with_the_reason():
     hidden, norm = torch.randn(1, 1, 16), torch.ones(16)
     weights = torch.randn(32, 16), torch.randn(16, 16), torch.randn(16, 16)
-    angles = torch.randn(1, 1, 8)
-    with pytest.raises(RuntimeError, match=r"cos and sin must be \[B or 1, T, 8\]"):
-        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 8, angles[..., :4], angles[..., :4], None)
+    angles = torch.randn(1, 1, 16)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[B or 1, T, 16\]"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 16, angles[..., :8], angles[..., :8], None)
     with pytest.raises(RuntimeError, match="give both cos and sin"):
-        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 8, angles, None, None)
-    with pytest.raises(RuntimeError, match="do not split into heads of 12"):
-        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 12, None, None, None)
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 16, angles, None, None)
+    with pytest.raises(RuntimeError, match=r"do not split into heads of 8 \(a multiple of 16\)"):
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 8, None, None, None)
     with pytest.raises(RuntimeError, match=r"norm weight must be \[16\]"):
-        torch.ops.mobilemoe_cpu.attention_input(hidden, torch.ones(8), 1e-5, *weights, 8, None, None, None)
+        torch.ops.mobilemoe_cpu.attention_input(hidden, torch.ones(8), 1e-5, *weights, 16, None, None, None)
     mlp = torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32)
-    attention = torch.randn(1, 1, 4, 8)
+    attention = torch.randn(1, 1, 2, 16)
     with pytest.raises(RuntimeError, match="a router needs expert_bias"):
         torch.ops.mobilemoe_cpu.layer_output(
             attention, hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, torch.randn(8, 16), None, None, None, 2,
@@ -393,7 +449,7 @@ def test_layer_operators_reject_mismatched_inputs_with_the_reason():
         )  # fmt: skip
     with pytest.raises(RuntimeError, match=r"residual must be \[B, T, H\] and attention"):
         torch.ops.mobilemoe_cpu.layer_output(
-            attention[..., :4], hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, None, None, None, None, 0, False,
+            attention[..., :8], hidden, weights[0].T.contiguous(), norm, 1e-5, *mlp, None, None, None, None, 0, False,
             1.0,
         )  # fmt: skip
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoEModel
+from modeling_mobilemoe import MobileMoEConfig, MobileMoEForCausalLM, MobileMoEModel, kernels
 
 
 def small_config(**overrides) -> MobileMoEConfig:
@@ -308,12 +308,15 @@ def test_torch_compile_matches_eager_forward():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 3, 40])
-def test_sorted_mm_matches_eager_for_decode_and_prefill_shapes(dtype, num_tokens):
-    """Single-token decode, a few tokens, and enough rows per expert to take the bf16 upcast path."""
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "pytorch-ops"])
+def test_sorted_mm_matches_eager_for_decode_and_prefill_shapes(dtype, num_tokens, cpu_kernels):
+    """Single-token decode, a few tokens, and enough rows per expert to take the bf16 upcast path; through the
+    package's CPU operators (which `sorted_mm` hands inference to) and through its own PyTorch formulations."""
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
     top_k_weights, top_k_index = torch.rand(num_tokens, 8).topk(2, dim=-1)
-    fast, eager = run_experts(experts, ("sorted_mm", "eager"), hidden, top_k_index, top_k_weights)
+    with kernels.enabled(cpu_kernels):
+        fast, eager = run_experts(experts, ("sorted_mm", "eager"), hidden, top_k_index, top_k_weights)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fast.float(), eager.float(), atol=tolerance, rtol=tolerance)
 

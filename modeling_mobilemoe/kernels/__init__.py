@@ -1,18 +1,21 @@
-"""CPU decode kernels: operators for inference on a few rows (decode steps, small batches).
+"""CPU inference kernels: operators for decode steps and small batches (a few rows), and for prefill.
 
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads weights at a
 third to a half of the machine's read bandwidth at one row. `cpu_decode.cpp` streams them at close to it, with AVX2 +
-FMA, AVX-512 or AVX-512 BF16 (picked at run time: `instruction_set`, `limit_instruction_set`), as these operators:
+FMA, AVX-512 or AVX-512 BF16 (picked at run time: `instruction_set`, `limit_instruction_set`). Past a few rows the
+matmuls are compute-bound and the operators run oneDNN's GEMMs (`at::linear`, as `nn.Linear` does), saving what is
+around them: elementwise passes, and for the routed experts a Python iteration per expert. The operators:
 
 - `linear`: a streaming gemv (fp32 everywhere; bf16 where AVX-512 BF16 multiplies bf16 pairs natively);
 - `moe_experts`: the routed experts of a layer (gate-up, SwiGLU, down, weighted sum) reading only the selected
-  experts' rows, fp32 or bf16;
+  experts' weights, fp32 or bf16: streamed for a few (token, expert) slots, a grouped GEMM for more (experts split
+  between the cores, each expert's GEMMs on one core: 1.3x running them one after another on both);
 - `swiglu_mlp`: the shared expert (gate, up, SwiGLU, down) in one call;
 - `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
   its query group;
 - `attention_input` and `layer_output`: the rest of a decoder layer around the cache update and attention (norms,
   projections, RoPE, QK-norm, FP32 routing, the feed-forward, residuals), which eagerly is ~350 operator calls a
-  layer (full S decode steps measured 1.16-1.25x faster with them, fp32 and bf16).
+  layer (full S decode steps measured 1.16-1.25x faster with them, fp32 and bf16), at decode and at prefill.
 
 `benchmarks/bench_inference.py` measures them end to end. They are compiled the first time a model is built
 (`torch.utils.cpp_extension`, cached per machine; about 30 s) and registered as `torch.ops.mobilemoe_cpu`, with fake
@@ -21,12 +24,13 @@ implementations so `torch.compile` keeps them as opaque nodes.
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
 `nn.Linear` layers run `cpu_linear_forward` (kernel rows <= `MAX_LINEAR_ROWS` without autograd; bf16 inputs of more
 rows in float32 on CPUs without native bf16 matmul; everything else `F.linear`), `MobileMoEMLP` runs
-`cpu_mlp_forward`, the default `sorted_mm` experts hand few-slot inference to the `cpu_fused` experts implementation
-(also selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs
-`cpu_sdpa_attention_forward`, and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a decode step of a layer
-as `attention_input`, the cache update, `decode_attention` and `layer_output` (a graph being compiled runs the
-per-module paths instead). Each falls back to the stock path for anything else (training, prefill, hooks or wrappers
-such as PEFT's, other dtypes). Exported programs (`torch.export`, ONNX) never contain these operators.
+`cpu_mlp_forward`, the default `sorted_mm` experts hand inference to the `cpu_fused` experts implementation (also
+selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs `cpu_sdpa_attention_forward`
+(decode only), and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a layer's forward as `attention_input`,
+the cache update, attention and `layer_output` (a graph being compiled runs the per-module paths instead). Each falls
+back to the stock path for anything else (training, hooks or wrappers such as PEFT's, other dtypes, and past a few
+rows half precision on CPUs without native half-precision matmuls). Exported programs (`torch.export`, ONNX) never
+contain these operators.
 `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
 PyTorch ops.
 """
@@ -69,9 +73,11 @@ from torch.nn.modules import module as torch_module
 logger = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.cpp")
-# Up to this many rows a linear stays memory-bound in the kernel (measured: the LM head at 4 rows costs ~1.2x one).
+# Up to this many rows a linear stays memory-bound in the kernel (measured: the LM head at 4 rows costs ~1.2x one);
+# the operators run GEMMs past it (`kMaxStreamedRows` in cpu_decode.cpp).
 MAX_LINEAR_ROWS = 4
-# Up to this many (token, expert) slots the experts of a layer run in the fused operator (batch-4 decode at top-4).
+# Up to this many (token, expert) slots the routed experts stream their weights (batch-4 decode at top-4); past it
+# `moe_experts` runs a grouped GEMM (`kMaxStreamedSlots` in cpu_decode.cpp).
 MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Instruction sets of the kernels (`cpu_decode.cpp`), lowest first; a machine runs the highest it supports.
@@ -226,6 +232,15 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return F.linear(input, self.weight, self.bias)
 
 
+def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int, streamed_dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Up to `streamed_limit` rows (or slots) an operator streams its weights, which it does in `streamed_dtypes`; more
+    run oneDNN's GEMMs inside it, for dtypes this CPU has native matmul kernels for (elsewhere the modules upcast
+    half precision to float32 first, see `cpu_linear_forward`)."""
+    if rows <= streamed_limit:
+        return input.dtype in streamed_dtypes
+    return not _half_matmul_is_slow(input.dtype)
+
+
 def _global_module_hooks() -> bool:
     """Forward hooks registered for every module (`register_module_forward_hook`), which a fused operator would skip."""
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
@@ -262,14 +277,15 @@ def _moe_experts_fit(experts: nn.Module) -> bool:
 
 
 def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`MobileMoEMLP.forward` for CPUs (the shared expert): few-row inference runs gate, up, SwiGLU and down as one
-    operator, on the dtypes the linear kernel takes; anything else is the module's own forward."""
+    """`MobileMoEMLP.forward` for CPUs (the shared expert): inference runs gate, up, SwiGLU and down as one operator
+    (few rows streamed in the dtypes the linear kernel takes, more as GEMMs with the SwiGLU in one pass); anything else
+    is the module's own forward."""
     weights = _swiglu_mlp_weights(self)
     fused = (
         weights is not None
         and _kernel_applies(hidden_states, *weights)
-        and hidden_states.dtype in _state["linear_dtypes"]
-        and hidden_states.numel() <= MAX_LINEAR_ROWS * hidden_states.shape[-1]  # last, as in `cpu_linear_forward`
+        # last, as in `cpu_linear_forward`
+        and _rows_fit(hidden_states, hidden_states.numel() // hidden_states.shape[-1], MAX_LINEAR_ROWS, _state["linear_dtypes"])
     )
     if not fused:
         return MobileMoEMLP.forward(self, hidden_states)
@@ -314,6 +330,11 @@ def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[tuple[nn.Module, ...
             and experts.config._experts_implementation in ("sorted_mm", "cpu_fused")
             and _moe_experts_fit(experts)
             and type(router.weight) is nn.Parameter
+            # The FP32 router's weight is left out of `_kernel_applies` (another dtype than the activations'), so
+            # what that checks is checked here: a trainable router under autograd needs its gradient.
+            and router.weight.dtype == torch.float32
+            and router.weight.is_contiguous()
+            and not (torch.is_grad_enabled() and router.weight.requires_grad)
         ):
             return None
         skipped = (feed_forward, router, experts)
@@ -336,13 +357,14 @@ def cpu_decoder_layer_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """`MobileMoEDecoderLayer.forward` for CPUs: few-token inference runs the layer as `attention_input`, the cache
-    update, attention (`cpu_sdpa_attention_forward`) and `layer_output`: three operators for what eagerly is ~350
-    (norms, projections, RoPE, QK-norm, routing, residuals), the same math rounded at the same points. bf16 runs here
-    on every instruction set, unlike a lone `nn.Linear`: the operators saved outweigh AVX2's slower bf16 rows (a bf16
-    S-shaped decode step with the kernels capped at AVX2: 38-49 ms, against 54-64 ms per module). Anything else
-    (training, autograd, prefill, replaced or hooked modules, other attention or experts implementations, captured
-    router logits or attentions) is the layer's own forward."""
+    """`MobileMoEDecoderLayer.forward` for CPUs: inference runs the layer as `attention_input`, the cache update,
+    attention (`cpu_sdpa_attention_forward`) and `layer_output`: three operators for what eagerly is ~350 (norms,
+    projections, RoPE, QK-norm, routing, residuals), the same math rounded at the same points. At decode bf16 runs
+    here on every instruction set, unlike a lone `nn.Linear`: the operators saved outweigh AVX2's slower bf16 rows (a
+    bf16 S-shaped decode step with the kernels capped at AVX2: 38-49 ms, against 54-64 ms per module); past a few rows
+    only where the CPU has native bf16 matmuls. Anything else (training, autograd, replaced or hooked modules, other
+    attention or experts implementations, captured router logits or attentions, head dimensions that are not a
+    multiple of 16) is the layer's own forward."""
     attention = self.self_attn
     projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
     qk_norm = () if attention.qk_norm is None else (attention.qk_norm,)
@@ -361,6 +383,7 @@ def cpu_decoder_layer_forward(
         and all(_is_plain_kernel_linear(projection) for projection in projections)
         and _runs_unhooked(attention, *norms, *feed_forward_modules)
         and (position_embeddings is not None or not attention.use_rope)
+        and attention.head_dim % 16 == 0
         and _kernel_applies(
             hidden_states,
             self.input_layernorm.weight,
@@ -370,7 +393,8 @@ def cpu_decoder_layer_forward(
             *feed_forward[5:],
         )
         and hidden_states.dim() == 3
-        and hidden_states.shape[0] * hidden_states.shape[1] <= MAX_LINEAR_ROWS  # last, as in `cpu_linear_forward`
+        # last, as in `cpu_linear_forward`
+        and _rows_fit(hidden_states, hidden_states.shape[0] * hidden_states.shape[1], MAX_LINEAR_ROWS, _KERNEL_DTYPES)
     )
     if not fused:
         # By keyword, as the model calls it: the class's checkpointing and `past_key_values` wrappers read keywords.
@@ -420,12 +444,13 @@ def cpu_decoder_layer_forward(
 def cpu_fused_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Few-slot inference: gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator that
-    reads only their rows; anything else (prefill, training, QAT, other activations) runs `sorted_mm`'s formulations."""
+    """Inference: gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator, which reads only
+    their weights (few slots streamed, more as a grouped GEMM); anything else (training, QAT, other activations) runs
+    `sorted_mm`'s formulations."""
     fused = (
         _moe_experts_fit(self)
         and _kernel_applies(hidden_states, self.gate_up_proj, self.down_proj)
-        and top_k_index.numel() <= MAX_FUSED_SLOTS  # last, as in `cpu_linear_forward`
+        and _rows_fit(hidden_states, top_k_index.numel(), MAX_FUSED_SLOTS, _KERNEL_DTYPES)  # last, as above
     )
     if not fused:
         return sorted_experts(self, hidden_states, top_k_index, top_k_weights)

@@ -1,5 +1,6 @@
-// Memory-bound CPU kernels for decoding (few rows per weight): a linear, the routed experts of one MoE layer, a SwiGLU
-// MLP (the shared expert) and grouped-query attention of a few queries over a KV cache.
+// CPU kernels for inference. Memory-bound ones for decoding (few rows per weight): a linear, the routed experts of one
+// MoE layer, a SwiGLU MLP (the shared expert) and grouped-query attention of a few queries over a KV cache; and the
+// steps of a decoder layer around attention, which past a few rows (prefill) run oneDNN's GEMMs.
 //
 // At one to a few tokens, a linear is a matrix-vector product whose time is streaming the weight from DRAM. PyTorch
 // runs it through its BLAS, which on the 2-core machines this package is benchmarked on reads weights at a third to a
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -65,6 +67,46 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the upper half of an fp32: widen and shift
   __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// Rounds 8 fp32 lanes to T and back (identity for float; bf16: to nearest, ties to even, NaN to a quiet NaN), as
+// `rounded<T>` does one value: where an eager operator would store a T result.
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    const __m256 kept = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return _mm256_blendv_ps(kept, _mm256_set1_ps(NAN), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+}
+
+// Stores 8 lanes already rounded to T (`round8<T>`).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+inline void store8(c10::BFloat16* p, __m256 v) {  // the upper halves, packed (packus keeps lanes in 128-bit halves)
+  const __m256i upper = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(upper, upper), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// exp of 8 fp32 lanes (Cephes' polynomial, ~1 ulp on the softmax range), inputs below -87 give ~0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n * ln 2, in two parts
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  }
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_n));
 }
 
 // out[r] = dot(w + r * K, x) for rows r in [begin, end); K is a multiple of 8, x is fp32 and cache-resident.
@@ -154,6 +196,10 @@ void dot_rows(const T* w, const T* x, float* out, int64_t begin, int64_t end, in
 
 // ---- Operators ---------------------------------------------------------------------------------------------------
 
+// Runs the lambda with scalar_t = float or c10::BFloat16, the activation dtypes the operators take.
+#define DISPATCH_FLOAT_OR_BF16(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 template <typename W, typename X>
 using DotRows = void (*)(const W*, const X*, float*, int64_t, int64_t, int64_t);
 
@@ -184,6 +230,12 @@ void dispatch(const Path& path, const at::Tensor& weight, const at::Tensor& x, F
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Rounds v to T and back (identity for float): where an eager operator would store a T result.
+template <typename T>
+inline float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
 
 // Rows of a weight handed to one thread at a time: 64 rows of 768 fp32 values are 192 KiB, enough to amortise the
 // scheduling, small enough that a 768-row weight still splits across both cores.
@@ -297,6 +349,113 @@ at::Tensor run_swiglu_experts(const at::Tensor& hidden_states, const at::Tensor&
   return out.to(hidden_states.scalar_type());
 }
 
+// ---- Many rows (prefill) --------------------------------------------------------------------------------------------
+// Beyond a few rows a linear is compute-bound: it runs oneDNN's GEMMs (at::linear, what nn.Linear runs), and the
+// operators save what is around them: the eager layer's elementwise passes and, for the routed experts, a Python
+// iteration and five operator calls per expert.
+
+// Up to this many rows a projection streams its weight (`streamed_linear`), more run at::linear (MAX_LINEAR_ROWS in
+// kernels/__init__.py). Up to this many (token, expert) slots the routed experts stream their rows, more run as a
+// grouped GEMM (MAX_FUSED_SLOTS there).
+constexpr int64_t kMaxStreamedRows = 4;
+constexpr int64_t kMaxStreamedSlots = 16;
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight) {
+  return x.numel() <= kMaxStreamedRows * x.size(-1) ? streamed_linear(x, weight, c10::nullopt) : at::linear(x, weight);
+}
+
+// hidden[r] = silu(gate[r]) * up[r] over rows of I values (a multiple of 8; gate and up rows `stride` apart), with
+// silu rounded to T before the product, as eager `act_fn(gate) * up` stores it; 8 lanes of silu at a time.
+template <typename T>
+void swiglu_rows(const T* gate, const T* up, int64_t stride, T* hidden, int64_t rows, int64_t I) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate + r * stride;
+      const T* u = up + r * stride;
+      for (int64_t j = 0; j < I; j += 8) {
+        const __m256 x = load8(g + j);
+        const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        const __m256 activated = round8<T>(_mm256_div_ps(x, denominator));
+        store8(hidden + r * I + j, round8<T>(_mm256_mul_ps(activated, load8(u + j))));
+      }
+    }
+  });
+}
+
+at::Tensor gemm_swiglu_mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {
+  const at::Tensor g = at::linear(x, gate), u = at::linear(x, up);
+  at::Tensor hidden = at::empty_like(g);
+  DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.swiglu_mlp", [&] {
+    swiglu_rows(g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), g.size(1), hidden.data_ptr<scalar_t>(), g.size(0),
+                g.size(1));
+  });
+  return at::linear(hidden, down);
+}
+
+// The routed experts of many tokens as a grouped GEMM, computed as `sorted_experts` in the modeling file does: the
+// (token, expert) slots sorted by expert (a stable counting sort), each expert's rows through gate-up, SwiGLU and down
+// (oneDNN GEMMs on contiguous rows; experts without slots are never read), every slot's output times its routing
+// weight, summed per token in expert order, rounded to the activations' dtype after every step.
+at::Tensor grouped_experts(const at::Tensor& hidden_states, const at::Tensor& experts, const at::Tensor& weights,
+                           const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  const at::Tensor x = hidden_states.contiguous();
+  const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k;
+  const int64_t E = gate_up_proj.size(0), I = down_proj.size(2);
+  const int64_t* expert_of_slot = experts.data_ptr<int64_t>();
+  std::vector<int64_t> first_row(E + 1, 0), row_of_slot(slots);
+  for (int64_t s = 0; s < slots; ++s) ++first_row[expert_of_slot[s] + 1];
+  std::partial_sum(first_row.begin(), first_row.end(), first_row.begin());
+  std::vector<int64_t> next_row(first_row.begin(), first_row.end() - 1);
+  at::Tensor token_of_row = at::empty({slots}, experts.options());
+  for (int64_t s = 0; s < slots; ++s) {
+    row_of_slot[s] = next_row[expert_of_slot[s]]++;
+    token_of_row.data_ptr<int64_t>()[row_of_slot[s]] = s / k;
+  }
+  const at::Tensor rows = x.index_select(0, token_of_row);
+  at::Tensor gate_up = at::empty({slots, 2 * I}, x.options()), hidden = at::empty({slots, I}, x.options());
+  at::Tensor out = at::empty({slots, H}, x.options()), result = at::empty({tokens, H}, x.options());
+  DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.moe_experts", [&] {
+    // Each thread takes whole experts (those whose middle row falls in its share of the rows) and runs their GEMMs on
+    // one core: at tens of rows an expert's GEMM splits badly across cores (measured 1.3x faster this way than
+    // expert after expert on both cores, bf16 and fp32, S shape, 1k tokens).
+    const int64_t threads = at::get_num_threads();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      const at::NoGradGuard no_grad;  // grad mode is per thread, and workers start with it on (the operator is inference-only)
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t row = first_row[e], count = first_row[e + 1] - row, share = (row + count / 2) * threads / slots;
+        if (count == 0 || share < begin || share >= end) continue;
+        at::Tensor expert_gate_up = gate_up.narrow(0, row, count), expert_out = out.narrow(0, row, count);
+        at::mm_out(expert_gate_up, rows.narrow(0, row, count), gate_up_proj[e].t());
+        const scalar_t* gate = expert_gate_up.data_ptr<scalar_t>();
+        swiglu_rows(gate, gate + I, 2 * I, hidden.data_ptr<scalar_t>() + row * I, count, I);
+        at::mm_out(expert_out, hidden.narrow(0, row, count), down_proj[e].t());
+      }
+    });
+    const scalar_t* expert_rows = out.data_ptr<scalar_t>();
+    const float* weight_of_slot = weights.data_ptr<float>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> order(k);
+      std::vector<float> sum(H);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t* ids = expert_of_slot + t * k;
+        std::iota(order.begin(), order.end(), 0);  // the token's slots in expert order, as the sorted rows hold them
+        std::sort(order.begin(), order.end(), [ids](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+        std::fill(sum.begin(), sum.end(), 0.0f);
+        for (const int64_t j : order) {
+          const __m256 weight = _mm256_set1_ps(rounded<scalar_t>(weight_of_slot[t * k + j]));
+          const scalar_t* expert_row = expert_rows + row_of_slot[t * k + j] * H;
+          for (int64_t h = 0; h < H; h += 8) {
+            const __m256 weighted = round8<scalar_t>(_mm256_mul_ps(load8(expert_row + h), weight));
+            _mm256_storeu_ps(sum.data() + h, round8<scalar_t>(_mm256_add_ps(_mm256_loadu_ps(sum.data() + h), weighted)));
+          }
+        }
+        for (int64_t h = 0; h < H; h += 8) store8(result.data_ptr<scalar_t>() + t * H + h, _mm256_loadu_ps(sum.data() + h));
+      }
+    });
+  });
+  return result;
+}
+
 void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* names) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "mobilemoe_cpu.", op, ": ", names, " must have one dtype");
 }
@@ -306,10 +465,11 @@ void check_input(const at::Tensor& hidden_states, int64_t H, const char* op) {
               "must be [tokens, ", H, "], got ", hidden_states.sizes());
 }
 
-// The routed experts of one MoE layer for a few tokens: for every (token, slot) the selected expert's
-// down(silu(gate) * up) weighted by its routing weight, summed per token. Only the selected experts' rows are read.
-at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                       const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+// Checks the routed experts' weights and routing of one MoE layer; returns the expert ids [tokens, k] (long) and
+// routing weights [tokens, k] (float), both contiguous.
+std::tuple<at::Tensor, at::Tensor> checked_routing(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                                                   const at::Tensor& top_k_weights, const at::Tensor& gate_up_proj,
+                                                   const at::Tensor& down_proj) {
   check_weight(gate_up_proj, 3, "gate_up_proj");
   check_weight(down_proj, 3, "down_proj");
   check_same_dtype(gate_up_proj, down_proj, "moe_experts", "gate_up_proj and down_proj");
@@ -323,15 +483,23 @@ at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_
               "mobilemoe_cpu.moe_experts: top_k_index and top_k_weights must both be [tokens, k] for ",
               hidden_states.size(0), " tokens, got ", top_k_index.sizes(), " and ", top_k_weights.sizes());
   const at::Tensor experts = top_k_index.to(at::kLong).contiguous();
-  const at::Tensor weights = top_k_weights.to(at::kFloat).contiguous();
   const int64_t* expert_ids = experts.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(expert_ids, expert_ids + experts.numel(), [E](int64_t e) { return e >= 0 && e < E; }),
               "mobilemoe_cpu.moe_experts: expert index out of range [0, ", E, ")");
+  return {experts, top_k_weights.to(at::kFloat).contiguous()};
+}
+
+// The routed experts of a few tokens: for every (token, slot) the selected expert's down(silu(gate) * up) weighted by
+// its routing weight, summed per token, streaming only the selected experts' rows.
+at::Tensor streamed_experts(const at::Tensor& hidden_states, const at::Tensor& experts, const at::Tensor& weights,
+                            const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  const int64_t I = down_proj.size(2), H = gate_up_proj.size(2);
   const at::Tensor up = gate_up_proj.narrow(1, I, I);  // a view: its data pointer is where expert 0's up rows start
   return run_swiglu_experts(hidden_states, gate_up_proj, up, 2 * I * H, down_proj, experts, weights, I);
 }
 
-// A SwiGLU MLP (the shared expert) for a few tokens: down(silu(gate x) * up x) in one operator.
+// A SwiGLU MLP (the shared expert, a dense layer's FFN): down(silu(gate x) * up x) in one operator; a few tokens
+// stream the weights, more run GEMMs.
 at::Tensor swiglu_mlp(const at::Tensor& hidden_states, const at::Tensor& gate, const at::Tensor& up,
                       const at::Tensor& down) {
   check_weight(gate, 2, "gate");
@@ -345,28 +513,27 @@ at::Tensor swiglu_mlp(const at::Tensor& hidden_states, const at::Tensor& gate, c
               up.sizes(), " and ", down.sizes());
   check_input(hidden_states, H, "swiglu_mlp");
   const int64_t tokens = hidden_states.size(0);
+  if (tokens > kMaxStreamedRows) {
+    check_same_dtype(hidden_states, gate, "swiglu_mlp", "hidden_states and the weights");
+    return gemm_swiglu_mlp(hidden_states, gate, up, down);
+  }
   const at::Tensor experts = at::zeros({tokens, 1}, hidden_states.options().dtype(at::kLong));
   const at::Tensor weights = at::ones({tokens, 1}, hidden_states.options().dtype(at::kFloat));
   return run_swiglu_experts(hidden_states, gate, up, 0, down, experts, weights, I);
 }
 
-// ---- Attention of a few queries over a KV cache ------------------------------------------------------------------
-
-// exp of 8 fp32 lanes (Cephes' polynomial, ~1 ulp on the softmax range), inputs below -87 give ~0.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n * ln 2, in two parts
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
-  }
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_n));
+// The routed experts of one MoE layer: for every (token, slot) the selected expert's down(silu(gate) * up) weighted by
+// its routing weight, summed per token. Only the selected experts' weights are read: streamed for a few slots, a
+// grouped GEMM for more.
+at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                       const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  const auto [experts, weights] = checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj);
+  if (experts.numel() <= kMaxStreamedSlots) return streamed_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
+  check_same_dtype(hidden_states, gate_up_proj, "moe_experts", "hidden_states and the experts");
+  return grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
 }
+
+// ---- Attention of a few queries over a KV cache ------------------------------------------------------------------
 
 // softmax(q k^T) v of one query row over L keys and values of head dimension D (a multiple of 8), positions where
 // `allowed` (strided, may be null) is false left out; `out` gets zeros if none is allowed. Four keys at a time and
@@ -480,54 +647,56 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 // ---- A decoder layer's steps around attention ------------------------------------------------------------------
 // Eager PyTorch runs a decode step of one layer as ~350 operator calls (norms, projections, RoPE, QK-norm, routing,
 // residuals). These two operators run the steps before and after attention in one call each (full S decode steps
-// measured 1.16-1.25x faster, fp32 and bf16, on 2 cores). They round to the activation dtype wherever the eager layer does (every
-// bf16 operator's result is bf16), so they agree with it to the dtype's precision.
-
-// Rounds v to T and back (identity for float): where an eager operator would store a T result.
-template <typename T>
-inline float rounded(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
+// measured 1.16-1.25x faster, fp32 and bf16, on 2 cores), at decode and at prefill. They round to the activation dtype
+// wherever the eager layer does (every bf16 operator's result is bf16), so they agree with it to the dtype's precision.
 
 // y = weight * T(x / rms(x)) over rows of H values, normalised in fp32 (MobileMoERMSNorm); no weight: T(x / rms(x))
 // (the weightless QK-norm).
+// H is a multiple of 8.
 template <typename T>
 void rms_norm_rows(const T* x, const T* weight, T* y, int64_t rows, int64_t H, float eps) {
   for (int64_t r = 0; r < rows; ++r, x += H, y += H) {
-    float squares = 0.0f;
-    for (int64_t h = 0; h < H; ++h) squares += static_cast<float>(x[h]) * static_cast<float>(x[h]);
-    const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(H) + eps);
-    for (int64_t h = 0; h < H; ++h) {
-      const float normalized = rounded<T>(static_cast<float>(x[h]) * inverse_rms);
-      y[h] = static_cast<T>(weight == nullptr ? normalized : static_cast<float>(weight[h]) * normalized);
+    __m256 squares = _mm256_setzero_ps();
+    for (int64_t h = 0; h < H; h += 8) squares = _mm256_fmadd_ps(load8(x + h), load8(x + h), squares);
+    const __m256 inverse_rms = _mm256_set1_ps(1.0f / std::sqrt(horizontal_sum(squares) / static_cast<float>(H) + eps));
+    for (int64_t h = 0; h < H; h += 8) {
+      const __m256 normalized = round8<T>(_mm256_mul_ps(load8(x + h), inverse_rms));
+      store8(y + h, weight == nullptr ? normalized : round8<T>(_mm256_mul_ps(load8(weight + h), normalized)));
     }
   }
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t H = x.size(-1);
+  TORCH_CHECK(H % 8 == 0, "mobilemoe_cpu: normalised rows must have a multiple of 8 values, got ", H);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.scalar_type() == x.scalar_type(),
               "mobilemoe_cpu: the norm weight must be [", H, "] in the activations' dtype, got ", weight.scalar_type(),
               " ", weight.sizes());
   const at::Tensor input = x.contiguous(), scale = weight.contiguous();
   at::Tensor out = at::empty_like(input);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mobilemoe_cpu.rms_norm", [&] {
-    rms_norm_rows(input.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.numel() / H,
-                  H, static_cast<float>(eps));
+  DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.rms_norm", [&] {
+    at::parallel_for(0, input.numel() / H, 16, [&](int64_t begin, int64_t end) {
+      rms_norm_rows(input.data_ptr<scalar_t>() + begin * H, scale.data_ptr<scalar_t>(),
+                    out.data_ptr<scalar_t>() + begin * H, end - begin, H, static_cast<float>(eps));
+    });
   });
   return out;
 }
 
-// One head's row of D values, in place: rotate-half RoPE, (x * cos) + (rotate_half(x) * sin) with each product rounded
-// to T, then, if qk_norm_eps is set, the weightless QK-norm.
+// One head's row of D values (a multiple of 16), in place: rotate-half RoPE, (x * cos) + (rotate_half(x) * sin) with
+// each product rounded to T, then, if qk_norm_eps is set, the weightless QK-norm.
 template <typename T>
 void position_head(T* x, const T* cos, const T* sin, c10::optional<double> qk_norm_eps, int64_t D) {
   const int64_t half = D / 2;
-  for (int64_t d = 0; d < half; ++d) {  // rotate_half pairs dimension d with d + D / 2: (x1, x2) -> (-x2, x1)
-    const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[d + half]);
-    x[d] = static_cast<T>(rounded<T>(x1 * static_cast<float>(cos[d])) + rounded<T>(-x2 * static_cast<float>(sin[d])));
-    x[d + half] = static_cast<T>(rounded<T>(x2 * static_cast<float>(cos[d + half])) +
-                                 rounded<T>(x1 * static_cast<float>(sin[d + half])));
+  for (int64_t d = 0; d < half; d += 8) {  // rotate_half pairs dimension d with d + D / 2: (x1, x2) -> (-x2, x1)
+    const __m256 x1 = load8(x + d), x2 = load8(x + d + half);
+    const __m256 minus_x2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);
+    const __m256 first = _mm256_add_ps(round8<T>(_mm256_mul_ps(x1, load8(cos + d))),
+                                       round8<T>(_mm256_mul_ps(minus_x2, load8(sin + d))));
+    const __m256 second = _mm256_add_ps(round8<T>(_mm256_mul_ps(x2, load8(cos + d + half))),
+                                        round8<T>(_mm256_mul_ps(x1, load8(sin + d + half))));
+    store8(x + d, round8<T>(first));
+    store8(x + d + half, round8<T>(second));
   }
   if (qk_norm_eps.has_value()) rms_norm_rows<T>(x, nullptr, x, 1, D, static_cast<float>(*qk_norm_eps));
 }
@@ -538,17 +707,16 @@ at::Tensor to_heads(const at::Tensor& projected, int64_t B, int64_t T, int64_t D
   const int64_t heads = projected.size(-1) / D;
   at::Tensor out = projected.view({B, T, heads, D}).transpose(1, 2).contiguous();
   if (!cos.defined()) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mobilemoe_cpu.attention_input", [&] {
-    scalar_t* rows = out.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t angles = b * cos.stride(0) + t * cos.stride(1);
-          position_head(rows + ((b * heads + h) * T + t) * D, cos.data_ptr<scalar_t>() + angles,
-                        sin.data_ptr<scalar_t>() + angles, qk_norm_eps, D);
-        }
+  DISPATCH_FLOAT_OR_BF16(out.scalar_type(), "mobilemoe_cpu.attention_input", [&] {
+    scalar_t* rows = out.data_ptr<scalar_t>();  // row (b * heads + h) * T + t
+    at::parallel_for(0, B * heads * T, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / (heads * T), t = row % T;
+        const int64_t angles = b * cos.stride(0) + t * cos.stride(1);
+        position_head(rows + row * D, cos.data_ptr<scalar_t>() + angles, sin.data_ptr<scalar_t>() + angles,
+                      qk_norm_eps, D);
       }
-    }
+    });
   });
   return out;
 }
@@ -563,9 +731,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
   TORCH_CHECK(hidden_states.dim() == 3, "mobilemoe_cpu.attention_input: hidden_states must be [B, T, H], got ",
               hidden_states.sizes());
   const int64_t B = hidden_states.size(0), T = hidden_states.size(1), D = head_dim;
-  TORCH_CHECK(D > 0 && D % 2 == 0 && q_proj.size(0) % D == 0 && k_proj.size(0) % D == 0 && v_proj.sizes() == k_proj.sizes(),
+  TORCH_CHECK(D > 0 && D % 16 == 0 && q_proj.size(0) % D == 0 && k_proj.size(0) % D == 0 && v_proj.sizes() == k_proj.sizes(),
               "mobilemoe_cpu.attention_input: q_proj ", q_proj.sizes(), ", k_proj ", k_proj.sizes(), " and v_proj ",
-              v_proj.sizes(), " do not split into heads of ", D);
+              v_proj.sizes(), " do not split into heads of ", D, " (a multiple of 16)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "mobilemoe_cpu.attention_input: give both cos and sin or neither");
   at::Tensor cos_bt, sin_bt;
   if (cos.has_value()) {
@@ -577,9 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
     sin_bt = sin->contiguous().expand({B, T, D});
   }
   const at::Tensor normed = rms_norm(hidden_states, norm_weight, eps);
-  const at::Tensor query = streamed_linear(normed, q_proj, c10::nullopt);
-  const at::Tensor key = streamed_linear(normed, k_proj, c10::nullopt);
-  const at::Tensor value = streamed_linear(normed, v_proj, c10::nullopt);
+  const at::Tensor query = project(normed, q_proj), key = project(normed, k_proj), value = project(normed, v_proj);
   return {to_heads(query, B, T, D, cos_bt, sin_bt, qk_norm_eps), to_heads(key, B, T, D, cos_bt, sin_bt, qk_norm_eps),
           to_heads(value, B, T, D, at::Tensor(), at::Tensor(), c10::nullopt)};
 }
@@ -599,8 +765,7 @@ at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual,
               "mobilemoe_cpu.layer_output: residual must be [B, T, H] and attention [B, T, ...], got ",
               residual.sizes(), " and ", attention.sizes());
   const int64_t H = residual.size(2);
-  const at::Tensor attended =
-      streamed_linear(attention.reshape({residual.size(0), residual.size(1), -1}), o_proj, c10::nullopt);
+  const at::Tensor attended = project(attention.reshape({residual.size(0), residual.size(1), -1}), o_proj);
   const at::Tensor hidden = residual + attended;
   const at::Tensor normed = rms_norm(hidden, norm_weight, eps).view({-1, H});
   at::Tensor ffn = swiglu_mlp(normed, gate, up, down);
@@ -609,7 +774,7 @@ at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual,
                 "mobilemoe_cpu.layer_output: a router needs expert_bias, gate_up_proj and down_proj");
     TORCH_CHECK(router->scalar_type() == at::kFloat && expert_bias->scalar_type() == at::kFloat,
                 "mobilemoe_cpu.layer_output: the router and expert_bias must be float32 (routing is FP32)");
-    const at::Tensor scores = streamed_linear(normed.to(at::kFloat), *router, c10::nullopt).sigmoid();
+    const at::Tensor scores = project(normed.to(at::kFloat), *router).sigmoid();
     const at::Tensor top_k_index = std::get<1>(at::topk(scores + *expert_bias, top_k, -1));
     at::Tensor top_k_weights = scores.gather(-1, top_k_index);
     if (norm_topk_prob) top_k_weights = top_k_weights / (top_k_weights.sum(-1, true) + 1e-20);
