@@ -362,7 +362,8 @@ def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The default experts: picks a sparse formulation by device, shape and graph capture (`sorted_experts`). Where
-    the `modeling_mobilemoe` package registered its CPU decode kernels (`cpu_fused`), few-slot steps go there."""
+    the `modeling_mobilemoe` package registered its CPU kernels (`cpu_fused`), CPU tensors go there (which hands back
+    to `sorted_experts` whatever its operators do not take)."""
     if "cpu_fused" in ALL_EXPERTS_FUNCTIONS and hidden_states.device.type == "cpu":
         return ALL_EXPERTS_FUNCTIONS["cpu_fused"](self, hidden_states, top_k_index, top_k_weights)
     return sorted_experts(self, hidden_states, top_k_index, top_k_weights)

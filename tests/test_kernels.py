@@ -33,6 +33,13 @@ def instruction_set(request):
         yield active
 
 
+@pytest.fixture
+def native_bf16_matmul(monkeypatch):
+    """The operators' GEMM paths (past a few rows) on every CPU: where bf16 matmuls are not native they are slow, not
+    wrong, and the package runs the modules' float32 upcasts there instead."""
+    monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 72), (2, 3, 72), (4, 200)])
 def test_linear_matches_float64_reference(instruction_set, dtype, shape):
@@ -143,6 +150,7 @@ def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 2, 4, 40])  # streamed slots, and a grouped GEMM (40 tokens, 80 slots)
+@pytest.mark.usefixtures("native_bf16_matmul")
 def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
@@ -165,7 +173,7 @@ def test_fused_experts_reject_out_of_range_experts_and_mismatched_routing():
         torch.ops.mobilemoe_cpu.moe_experts(torch.randn(2, 64), torch.tensor([[1, 2]]), torch.rand(1, 2), *weights)
 
 
-def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_for_training(monkeypatch):
+def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_native_bf16_matmul(monkeypatch):
     experts = make_model().to(torch.bfloat16).moe_blocks()[0].routed_experts
     experts.config._experts_implementation = "cpu_fused"
     many = kernels.MAX_FUSED_SLOTS // 2 + 1  # top-2: one slot more than the operator streams
@@ -183,10 +191,45 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_for_training(
         experts(hidden[:2], top_k_index[:2], top_k_weights[:2])  # streamed slots in bf16 on every instruction set
     assert ran("moe_experts", profile)
     with torch.profiler.profile() as profile:
-        out = experts(hidden, top_k_index, top_k_weights)  # autograd: the sorted path
-    assert not ran("moe_experts", profile)
+        out = experts(hidden, top_k_index, top_k_weights)  # autograd there: the sorted path too
+    assert not ran("moe_experts", profile) and not ran("moe_experts_forward", profile)
     out.float().sum().backward()
     assert experts.gate_up_proj.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trained", ["everything", "frozen-experts", "routing-only"])
+@pytest.mark.usefixtures("native_bf16_matmul")
+def test_fused_experts_train_through_a_grouped_gemm_with_eager_gradients(dtype, trained):
+    trainable_experts = trained == "everything"
+    experts = make_model().to(dtype).moe_blocks()[0].routed_experts.requires_grad_(trainable_experts)
+    num_tokens = 40
+    hidden = torch.randn(num_tokens, 64, dtype=dtype, requires_grad=trained != "routing-only")
+    # Repeated experts, a tie in the routing weights, idle experts (6 and 7: zero weight gradients).
+    top_k_index = torch.cat([torch.tensor([[3, 5], [5, 3]]), torch.rand(num_tokens - 2, 6).topk(2).indices])
+    top_k_weights = torch.rand(num_tokens, 2)
+    top_k_weights[0, 1] = top_k_weights[0, 0]
+    top_k_weights.requires_grad_(True)
+    probe = torch.linspace(-1, 1, 64)  # a loss whose gradient differs per feature
+    results = {}
+    for implementation in ("cpu_fused", "eager"):
+        experts.config._experts_implementation = implementation
+        with torch.profiler.profile() as profile:
+            out = experts(hidden, top_k_index, top_k_weights)
+            (out.float() * probe).sum().backward()
+        tensors = (hidden, top_k_weights, experts.gate_up_proj, experts.down_proj)
+        results[implementation] = [out.detach()] + [None if t.grad is None else t.grad.clone() for t in tensors]
+        for tensor in tensors:
+            tensor.grad = None
+        assert ran("moe_experts_backward", profile) == (implementation == "cpu_fused")
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, fused, eager in zip(["output", "hidden", "routing weights", "gate_up", "down"], *results.values()):
+        if (name in ("gate_up", "down") and not trainable_experts) or (name == "hidden" and trained == "routing-only"):
+            assert fused is None and eager is None
+            continue
+        torch.testing.assert_close(fused.float(), eager.float(), atol=tolerance, rtol=tolerance, msg=name)
+    if trainable_experts:
+        assert not results["cpu_fused"][3][6:].any() and results["cpu_fused"][3][:6].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -326,11 +369,13 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("native_bf16_matmul")
 def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
     # the experts (2 x 12 tokens, 48 slots), transformers' sdpa with the padding mask.
-    model = make_model(num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], routed_scaling_factor=1.7)
-    model = model.to(dtype)
+    model = make_model(
+        num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], routed_scaling_factor=1.7
+    ).to(dtype)
     input_ids = tokens(batch=2, length=12)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
@@ -340,22 +385,29 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
         with kernels.enabled(False):
             stock = model(input_ids, attention_mask=attention_mask, use_cache=True)
     assert runs("attention_input", profile) == runs("layer_output", profile) == 4
+    with torch.inference_mode():  # the grouped GEMM's worker threads run under it too
+        inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    torch.testing.assert_close(inference.logits, out.logits, atol=0, rtol=0)
     kept = attention_mask.bool()
     torch.testing.assert_close(out.logits[kept], stock.logits[kept], atol=TOLERANCE[dtype], rtol=0)
-    for layer in range(4):
-        torch.testing.assert_close(out.cache.layers[layer].keys, stock.cache.layers[layer].keys, atol=TOLERANCE[dtype], rtol=0)
+    for fused_layer, stock_layer in zip(out.cache.layers, stock.cache.layers):
+        torch.testing.assert_close(fused_layer.keys, stock_layer.keys, atol=TOLERANCE[dtype], rtol=0)
 
 
-def test_bf16_prefill_runs_the_layer_where_the_cpu_has_no_native_bf16_matmul(monkeypatch):
-    # There the modules upcast bf16 GEMMs to float32 (see `cpu_linear_forward`); decode steps stay fused.
+def test_bf16_prefill_runs_the_layers_own_forward_where_the_cpu_has_no_native_bf16_matmul(monkeypatch):
+    # There the modules upcast bf16 GEMMs to float32 (see `cpu_linear_forward`); decode steps stay fused unless their
+    # (token, expert) slots would take the experts' grouped GEMM (top-5 of a batch of four: 20 slots).
     monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: dtype == torch.bfloat16)
-    model = make_model().to(torch.bfloat16)
-    input_ids = tokens(batch=1, length=6)
+    model = make_model(num_experts_per_tok=5).to(torch.bfloat16)
+    input_ids = tokens(batch=4, length=6)
     with torch.no_grad(), torch.profiler.profile() as profile:
         model(input_ids)
     assert not ran("layer_output", profile)
-    out, stock, profile = decode_step(model, input_ids)
+    out, stock, profile = decode_step(model, input_ids[:1])
     assert runs("layer_output", profile) == 2
+    torch.testing.assert_close(out.logits, stock.logits, atol=TOLERANCE[torch.bfloat16], rtol=0)
+    out, stock, profile = decode_step(model, input_ids)
+    assert not ran("layer_output", profile)
     torch.testing.assert_close(out.logits, stock.logits, atol=TOLERANCE[torch.bfloat16], rtol=0)
 
 
@@ -428,7 +480,7 @@ def test_layer_operators_reject_mismatched_inputs_with_the_reason():
     weights = torch.randn(32, 16), torch.randn(16, 16), torch.randn(16, 16)
     angles = torch.randn(1, 1, 16)
     with pytest.raises(RuntimeError, match=r"cos and sin must be \[B or 1, T, 16\]"):
-        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 16, angles[..., :8], angles[..., :8], None)
+        torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 16, *(angles[..., :8],) * 2, None)
     with pytest.raises(RuntimeError, match="give both cos and sin"):
         torch.ops.mobilemoe_cpu.attention_input(hidden, norm, 1e-5, *weights, 16, angles, None, None)
     with pytest.raises(RuntimeError, match=r"do not split into heads of 8 \(a multiple of 16\)"):

@@ -27,10 +27,11 @@ rows in float32 on CPUs without native bf16 matmul; everything else `F.linear`),
 `cpu_mlp_forward`, the default `sorted_mm` experts hand inference to the `cpu_fused` experts implementation (also
 selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs `cpu_sdpa_attention_forward`
 (decode only), and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a layer's forward as `attention_input`,
-the cache update, attention and `layer_output` (a graph being compiled runs the per-module paths instead). Each falls
-back to the stock path for anything else (training, hooks or wrappers such as PEFT's, other dtypes, and past a few
-rows half precision on CPUs without native half-precision matmuls). Exported programs (`torch.export`, ONNX) never
-contain these operators.
+the cache update, attention and `layer_output` (a graph being compiled runs the per-module paths instead). Training
+runs the routed experts' grouped GEMM with its own backward (`GroupedExperts`: `moe_experts_forward`,
+`moe_experts_backward`). Each falls back to the stock path for anything else (other training, hooks or wrappers such
+as PEFT's, other dtypes, and past a few rows half precision on CPUs without native half-precision matmuls). Exported
+programs (`torch.export`, ONNX) never contain these operators.
 `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
 PyTorch ops.
 """
@@ -176,6 +177,23 @@ def _register_fakes() -> None:
     def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
         return torch.empty_like(hidden_states)
 
+    @torch.library.register_fake("mobilemoe_cpu::moe_experts_forward")
+    def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+        slots, intermediate = top_k_index.numel(), down_proj.shape[-1]
+        return (
+            torch.empty_like(hidden_states),
+            hidden_states.new_empty((slots, 2 * intermediate)),
+            hidden_states.new_empty((slots, intermediate)),
+            hidden_states.new_empty((slots, hidden_states.shape[-1])),
+        )
+
+    @torch.library.register_fake("mobilemoe_cpu::moe_experts_backward")
+    def _(grad_output, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, swiglu,
+          expert_out, weight_grads):
+        weight_grad = (torch.empty_like(gate_up_proj), torch.empty_like(down_proj)) if weight_grads else (None, None)
+        grad_weights = top_k_weights.new_empty(top_k_weights.shape, dtype=torch.float32)
+        return hidden_states.new_empty(hidden_states.shape), grad_weights, *weight_grad
+
     @torch.library.register_fake("mobilemoe_cpu::swiglu_mlp")
     def _(hidden_states, gate, up, down):
         return torch.empty_like(hidden_states)
@@ -203,11 +221,13 @@ def _cpu_outside_export(input: torch.Tensor) -> bool:
     return _state["enabled"] and input.device.type == "cpu" and not torch.compiler.is_exporting()
 
 
-def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """The kernels are inference-only, for CPU tensors of one supported dtype, and never go into exported programs."""
+def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor, differentiable: bool = False) -> bool:
+    """The kernels are for CPU tensors of one supported dtype and never go into exported programs; they are
+    inference-only unless the caller is `differentiable` (runs them inside an `autograd.Function`)."""
     if not _cpu_outside_export(input):
         return False
-    if torch.is_grad_enabled() and (input.requires_grad or any(weight.requires_grad for weight in weights)):
+    needs_grad = input.requires_grad or any(weight.requires_grad for weight in weights)
+    if torch.is_grad_enabled() and needs_grad and not differentiable:
         return False
     # Plain tensors only: a tensor subclass (torchao's quantized weights) must reach its own dispatch, not the kernels.
     dtype_ok = input.dtype in _KERNEL_DTYPES and all(
@@ -281,11 +301,12 @@ def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Te
     (few rows streamed in the dtypes the linear kernel takes, more as GEMMs with the SwiGLU in one pass); anything else
     is the module's own forward."""
     weights = _swiglu_mlp_weights(self)
+    linear_dtypes = _state["linear_dtypes"]
     fused = (
         weights is not None
         and _kernel_applies(hidden_states, *weights)
         # last, as in `cpu_linear_forward`
-        and _rows_fit(hidden_states, hidden_states.numel() // hidden_states.shape[-1], MAX_LINEAR_ROWS, _state["linear_dtypes"])
+        and _rows_fit(hidden_states, hidden_states.numel() // hidden_states.shape[-1], MAX_LINEAR_ROWS, linear_dtypes)
     )
     if not fused:
         return MobileMoEMLP.forward(self, hidden_states)
@@ -347,6 +368,15 @@ def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[tuple[nn.Module, ...
     return (*skipped, mlp), (*mlp_weights, *routing)
 
 
+def _layer_rows_fit(layer: MobileMoEDecoderLayer, hidden_states: torch.Tensor) -> bool:
+    """The layer operators take these rows (`_rows_fit`), and an MoE layer's experts their (token, expert) slots."""
+    rows = hidden_states.shape[0] * hidden_states.shape[1]
+    top_k = layer.feed_forward.router.top_k if layer.is_moe_layer else 0
+    return _rows_fit(hidden_states, rows, MAX_LINEAR_ROWS, _KERNEL_DTYPES) and _rows_fit(
+        hidden_states, rows * top_k, MAX_FUSED_SLOTS, _KERNEL_DTYPES
+    )
+
+
 def cpu_decoder_layer_forward(
     self: MobileMoEDecoderLayer,
     hidden_states: torch.Tensor,
@@ -393,8 +423,7 @@ def cpu_decoder_layer_forward(
             *feed_forward[5:],
         )
         and hidden_states.dim() == 3
-        # last, as in `cpu_linear_forward`
-        and _rows_fit(hidden_states, hidden_states.shape[0] * hidden_states.shape[1], MAX_LINEAR_ROWS, _KERNEL_DTYPES)
+        and _layer_rows_fit(self, hidden_states)  # last, as in `cpu_linear_forward`
     )
     if not fused:
         # By keyword, as the model calls it: the class's checkpointing and `past_key_values` wrappers read keywords.
@@ -441,22 +470,57 @@ def cpu_decoder_layer_forward(
     )
 
 
+class GroupedExperts(torch.autograd.Function):
+    """The routed experts as `moe_experts_forward`'s grouped GEMM, differentiable: the backward is
+    `moe_experts_backward` (per expert four GEMMs on one core, experts split between the cores, as the forward; the
+    weight gradients only where the experts' weights require them)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+        output, *activations = torch.ops.mobilemoe_cpu.moe_experts_forward(
+            hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj
+        )
+        ctx.save_for_backward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, *activations)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors  # unpacked once: non-reentrant gradient checkpointing allows no second unpack
+        weight_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        grad_hidden, grad_weights, grad_gate_up, grad_down = torch.ops.mobilemoe_cpu.moe_experts_backward(
+            grad_output, *saved, weight_grads
+        )
+        return grad_hidden, None, grad_weights.to(saved[2].dtype), grad_gate_up, grad_down
+
+
 def cpu_fused_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Inference: gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator, which reads only
-    their weights (few slots streamed, more as a grouped GEMM); anything else (training, QAT, other activations) runs
-    `sorted_mm`'s formulations."""
-    fused = (
-        _moe_experts_fit(self)
-        and _kernel_applies(hidden_states, self.gate_up_proj, self.down_proj)
-        and _rows_fit(hidden_states, top_k_index.numel(), MAX_FUSED_SLOTS, _KERNEL_DTYPES)  # last, as above
-    )
-    if not fused:
+    """gate-up, SwiGLU, down and the weighted sum of the selected experts in one operator, which reads only their
+    weights: at inference few slots streamed, more as a grouped GEMM; under autograd (training) the grouped GEMM with
+    its backward (`GroupedExperts`), past `MAX_FUSED_SLOTS` slots and outside graph capture. Anything else (QAT, other
+    activations, tensor-subclass weights, compiled graphs under autograd) runs `sorted_mm`'s formulations."""
+    if not _moe_experts_fit(self):
         return sorted_experts(self, hidden_states, top_k_index, top_k_weights)
-    return torch.ops.mobilemoe_cpu.moe_experts(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj
+    weights = (self.gate_up_proj, self.down_proj)
+    routing_needs_grad = torch.is_grad_enabled() and top_k_weights.requires_grad  # a trainable router
+    if (
+        not routing_needs_grad
+        and _kernel_applies(hidden_states, *weights)
+        and _rows_fit(hidden_states, top_k_index.numel(), MAX_FUSED_SLOTS, _KERNEL_DTYPES)  # last, as elsewhere
+    ):
+        return torch.ops.mobilemoe_cpu.moe_experts(hidden_states, top_k_index, top_k_weights, *weights)
+    trains = (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _kernel_applies(hidden_states, *weights, differentiable=True)
+        and top_k_index.numel() > MAX_FUSED_SLOTS
+        and not _half_matmul_is_slow(hidden_states.dtype)
     )
+    if trains:
+        return GroupedExperts.apply(hidden_states, top_k_index, top_k_weights, *weights)
+    return sorted_experts(self, hidden_states, top_k_index, top_k_weights)
 
 
 def cpu_sdpa_attention_forward(
@@ -522,6 +586,7 @@ if install not in MODEL_INIT_HOOKS:
 
 __all__ = [
     "available",
+    "GroupedExperts",
     "cpu_fused_experts_forward",
     "cpu_decoder_layer_forward",
     "cpu_linear_forward",

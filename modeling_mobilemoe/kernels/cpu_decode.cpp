@@ -1,6 +1,7 @@
-// CPU kernels for inference. Memory-bound ones for decoding (few rows per weight): a linear, the routed experts of one
-// MoE layer, a SwiGLU MLP (the shared expert) and grouped-query attention of a few queries over a KV cache; and the
-// steps of a decoder layer around attention, which past a few rows (prefill) run oneDNN's GEMMs.
+// CPU kernels. Memory-bound ones for decoding (few rows per weight): a linear, the routed experts of one MoE layer, a
+// SwiGLU MLP (the shared expert) and grouped-query attention of a few queries over a KV cache; the steps of a decoder
+// layer around attention, which past a few rows (prefill) run oneDNN's GEMMs; and the routed experts as a grouped
+// GEMM with its backward, for training.
 //
 // At one to a few tokens, a linear is a matrix-vector product whose time is streaming the weight from DRAM. PyTorch
 // runs it through its BLAS, which on the 2-core machines this package is benchmarked on reads weights at a third to a
@@ -392,45 +393,71 @@ at::Tensor gemm_swiglu_mlp(const at::Tensor& x, const at::Tensor& gate, const at
   return at::linear(hidden, down);
 }
 
-// The routed experts of many tokens as a grouped GEMM, computed as `sorted_experts` in the modeling file does: the
-// (token, expert) slots sorted by expert (a stable counting sort), each expert's rows through gate-up, SwiGLU and down
-// (oneDNN GEMMs on contiguous rows; experts without slots are never read), every slot's output times its routing
-// weight, summed per token in expert order, rounded to the activations' dtype after every step.
-at::Tensor grouped_experts(const at::Tensor& hidden_states, const at::Tensor& experts, const at::Tensor& weights,
-                           const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
-  const at::Tensor x = hidden_states.contiguous();
-  const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k;
-  const int64_t E = gate_up_proj.size(0), I = down_proj.size(2);
+// The (token, expert) slots of a layer sorted by expert with a stable counting sort: expert e's rows are
+// [first_row[e], first_row[e + 1]) of the sorted order, slot s (token s / k) is row row_of_slot[s], and row r is a
+// row of token token_of_row[r].
+struct SortedSlots {
+  std::vector<int64_t> first_row, row_of_slot;
+  at::Tensor token_of_row;
+};
+
+SortedSlots sort_slots(const at::Tensor& experts, int64_t E) {
+  const int64_t slots = experts.numel(), k = experts.size(1);
   const int64_t* expert_of_slot = experts.data_ptr<int64_t>();
-  std::vector<int64_t> first_row(E + 1, 0), row_of_slot(slots);
-  for (int64_t s = 0; s < slots; ++s) ++first_row[expert_of_slot[s] + 1];
-  std::partial_sum(first_row.begin(), first_row.end(), first_row.begin());
-  std::vector<int64_t> next_row(first_row.begin(), first_row.end() - 1);
-  at::Tensor token_of_row = at::empty({slots}, experts.options());
+  SortedSlots sorted{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(slots), at::empty({slots}, experts.options())};
+  for (int64_t s = 0; s < slots; ++s) ++sorted.first_row[expert_of_slot[s] + 1];
+  std::partial_sum(sorted.first_row.begin(), sorted.first_row.end(), sorted.first_row.begin());
+  std::vector<int64_t> next_row(sorted.first_row.begin(), sorted.first_row.end() - 1);
+  int64_t* token_of_row = sorted.token_of_row.data_ptr<int64_t>();
   for (int64_t s = 0; s < slots; ++s) {
-    row_of_slot[s] = next_row[expert_of_slot[s]]++;
-    token_of_row.data_ptr<int64_t>()[row_of_slot[s]] = s / k;
+    sorted.row_of_slot[s] = next_row[expert_of_slot[s]]++;
+    token_of_row[sorted.row_of_slot[s]] = s / k;
   }
-  const at::Tensor rows = x.index_select(0, token_of_row);
+  return sorted;
+}
+
+// Runs fn(e, first row, rows) for every expert with rows. Each thread takes whole experts (those whose middle row
+// falls in its share of the rows) and runs their GEMMs on one core: at tens of rows an expert's GEMM splits badly
+// across cores (a 1k-token S layer's experts measured 1.3x faster this way than expert after expert on both cores,
+// bf16 and fp32).
+template <typename Fn>
+void for_each_expert_split(const std::vector<int64_t>& first_row, Fn fn) {
+  const int64_t threads = at::get_num_threads(), E = static_cast<int64_t>(first_row.size()) - 1, rows = first_row[E];
+  if (rows == 0) return;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    // Workers do not inherit the caller's thread-local state (grad mode, inference mode): the GEMMs below write into
+    // this operator's own buffers, so they dispatch straight to the CPU kernels, past autograd and version counters.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t row = first_row[e], count = first_row[e + 1] - row, share = (row + count / 2) * threads / rows;
+      if (count > 0 && share >= begin && share < end) fn(e, row, count);
+    }
+  });
+}
+
+// The routed experts of many tokens as a grouped GEMM, computed as `sorted_experts` in the modeling file does: the
+// slots sorted by expert, each expert's rows through gate-up, SwiGLU and down (oneDNN GEMMs on contiguous rows;
+// experts without slots are never read), every slot's output times its routing weight, summed per token in expert
+// order, rounded to the activations' dtype after every step. Returns the output [tokens, H] and, for the backward,
+// the sorted rows' gate-up [slots, 2I], SwiGLU [slots, I] and expert outputs [slots, H].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts(
+    const at::Tensor& hidden_states, const at::Tensor& experts, const at::Tensor& weights,
+    const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  const at::Tensor x = hidden_states.contiguous();
+  const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k, I = down_proj.size(2);
+  const SortedSlots sorted = sort_slots(experts, gate_up_proj.size(0));
+  const at::Tensor rows = x.index_select(0, sorted.token_of_row);
   at::Tensor gate_up = at::empty({slots, 2 * I}, x.options()), hidden = at::empty({slots, I}, x.options());
   at::Tensor out = at::empty({slots, H}, x.options()), result = at::empty({tokens, H}, x.options());
   DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.moe_experts", [&] {
-    // Each thread takes whole experts (those whose middle row falls in its share of the rows) and runs their GEMMs on
-    // one core: at tens of rows an expert's GEMM splits badly across cores (measured 1.3x faster this way than
-    // expert after expert on both cores, bf16 and fp32, S shape, 1k tokens).
-    const int64_t threads = at::get_num_threads();
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      const at::NoGradGuard no_grad;  // grad mode is per thread, and workers start with it on (the operator is inference-only)
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t row = first_row[e], count = first_row[e + 1] - row, share = (row + count / 2) * threads / slots;
-        if (count == 0 || share < begin || share >= end) continue;
-        at::Tensor expert_gate_up = gate_up.narrow(0, row, count), expert_out = out.narrow(0, row, count);
-        at::mm_out(expert_gate_up, rows.narrow(0, row, count), gate_up_proj[e].t());
-        const scalar_t* gate = expert_gate_up.data_ptr<scalar_t>();
-        swiglu_rows(gate, gate + I, 2 * I, hidden.data_ptr<scalar_t>() + row * I, count, I);
-        at::mm_out(expert_out, hidden.narrow(0, row, count), down_proj[e].t());
-      }
+    for_each_expert_split(sorted.first_row, [&](int64_t e, int64_t row, int64_t count) {
+      at::Tensor expert_gate_up = gate_up.narrow(0, row, count), expert_out = out.narrow(0, row, count);
+      at::mm_out(expert_gate_up, rows.narrow(0, row, count), gate_up_proj[e].t());
+      const scalar_t* gate = expert_gate_up.data_ptr<scalar_t>();
+      swiglu_rows(gate, gate + I, 2 * I, hidden.data_ptr<scalar_t>() + row * I, count, I);
+      at::mm_out(expert_out, hidden.narrow(0, row, count), down_proj[e].t());
     });
+    const int64_t* expert_of_slot = experts.data_ptr<int64_t>();
     const scalar_t* expert_rows = out.data_ptr<scalar_t>();
     const float* weight_of_slot = weights.data_ptr<float>();
     at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
@@ -443,7 +470,7 @@ at::Tensor grouped_experts(const at::Tensor& hidden_states, const at::Tensor& ex
         std::fill(sum.begin(), sum.end(), 0.0f);
         for (const int64_t j : order) {
           const __m256 weight = _mm256_set1_ps(rounded<scalar_t>(weight_of_slot[t * k + j]));
-          const scalar_t* expert_row = expert_rows + row_of_slot[t * k + j] * H;
+          const scalar_t* expert_row = expert_rows + sorted.row_of_slot[t * k + j] * H;
           for (int64_t h = 0; h < H; h += 8) {
             const __m256 weighted = round8<scalar_t>(_mm256_mul_ps(load8(expert_row + h), weight));
             _mm256_storeu_ps(sum.data() + h, round8<scalar_t>(_mm256_add_ps(_mm256_loadu_ps(sum.data() + h), weighted)));
@@ -453,7 +480,104 @@ at::Tensor grouped_experts(const at::Tensor& hidden_states, const at::Tensor& ex
       }
     });
   });
-  return result;
+  return {result, gate_up, hidden, out};
+}
+
+// d gate and d up of rows of SwiGLU(gate, up) = silu(gate) * up from d SwiGLU, in fp32, each rounded to T once.
+// gate_up rows are [gate (I), up (I)], as d_gate_up's.
+template <typename T>
+void swiglu_backward_rows(const T* gate_up, const T* d_swiglu, T* d_gate_up, int64_t rows, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t r = 0; r < rows; ++r, gate_up += 2 * I, d_swiglu += I, d_gate_up += 2 * I) {
+    for (int64_t j = 0; j < I; j += 8) {
+      const __m256 g = load8(gate_up + j), u = load8(gate_up + I + j), d = load8(d_swiglu + j);
+      const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      const __m256 silu = _mm256_mul_ps(g, sigmoid);
+      // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+      const __m256 d_silu = _mm256_mul_ps(sigmoid, _mm256_fmadd_ps(g, _mm256_sub_ps(one, sigmoid), one));
+      store8(d_gate_up + j, round8<T>(_mm256_mul_ps(_mm256_mul_ps(d, u), d_silu)));
+      store8(d_gate_up + I + j, round8<T>(_mm256_mul_ps(d, silu)));
+    }
+  }
+}
+
+// The backward of `grouped_experts`: from grad_output [tokens, H] and what the forward returned, the gradients of
+// hidden_states, the routing weights (fp32) and, if weight_grads, of gate_up_proj and down_proj (zeros for experts
+// without slots). Per expert four GEMMs, split between the cores as in the forward; each weight gradient is written
+// by one GEMM, so the result does not depend on the thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts_backward(
+    const at::Tensor& grad_output, const at::Tensor& hidden_states, const at::Tensor& experts,
+    const at::Tensor& weights, const at::Tensor& gate_up_proj, const at::Tensor& down_proj, const at::Tensor& gate_up,
+    const at::Tensor& swiglu, const at::Tensor& expert_out, bool weight_grads) {
+  const at::Tensor x = hidden_states.contiguous(), dy = grad_output.contiguous().to(x.scalar_type());
+  const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k;
+  const int64_t E = gate_up_proj.size(0), I = down_proj.size(2);
+  const SortedSlots sorted = sort_slots(experts, E);
+  const at::Tensor rows = x.index_select(0, sorted.token_of_row);
+  at::Tensor d_out = at::empty({slots, H}, x.options()), d_swiglu = at::empty({slots, I}, x.options());
+  at::Tensor d_gate_up = at::empty({slots, 2 * I}, x.options()), d_rows = at::empty({slots, H}, x.options());
+  at::Tensor grad_hidden = at::empty({tokens, H}, x.options()), grad_weights = at::empty({tokens, k}, weights.options());
+  at::Tensor grad_gate_up_proj, grad_down_proj;
+  if (weight_grads) {
+    grad_gate_up_proj = at::empty_like(gate_up_proj);
+    grad_down_proj = at::empty_like(down_proj);
+    for (int64_t e = 0; e < E; ++e) {
+      if (sorted.first_row[e + 1] == sorted.first_row[e]) {
+        grad_gate_up_proj[e].zero_();
+        grad_down_proj[e].zero_();
+      }
+    }
+  }
+  DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.moe_experts_backward", [&] {
+    // d routing weight = <dy, expert output>, d expert output = weight * dy (the weight rounded as the forward's).
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* dy_row = dy.data_ptr<scalar_t>() + t * H;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t row = sorted.row_of_slot[t * k + j];
+          const scalar_t* out_row = expert_out.data_ptr<scalar_t>() + row * H;
+          const __m256 weight = _mm256_set1_ps(rounded<scalar_t>(weights.data_ptr<float>()[t * k + j]));
+          __m256 dot = _mm256_setzero_ps();
+          for (int64_t h = 0; h < H; h += 8) {
+            const __m256 g = load8(dy_row + h);
+            dot = _mm256_fmadd_ps(g, load8(out_row + h), dot);
+            store8(d_out.data_ptr<scalar_t>() + row * H + h, round8<scalar_t>(_mm256_mul_ps(g, weight)));
+          }
+          grad_weights.data_ptr<float>()[t * k + j] = horizontal_sum(dot);
+        }
+      }
+    });
+    for_each_expert_split(sorted.first_row, [&](int64_t e, int64_t row, int64_t count) {
+      const at::Tensor expert_d_out = d_out.narrow(0, row, count);
+      at::Tensor expert_d_swiglu = d_swiglu.narrow(0, row, count), expert_d_rows = d_rows.narrow(0, row, count);
+      at::Tensor expert_d_gate_up = d_gate_up.narrow(0, row, count);
+      if (weight_grads) {
+        at::Tensor grad_down = grad_down_proj[e];
+        at::mm_out(grad_down, expert_d_out.t(), swiglu.narrow(0, row, count));
+      }
+      at::mm_out(expert_d_swiglu, expert_d_out, down_proj[e]);
+      swiglu_backward_rows(gate_up.data_ptr<scalar_t>() + row * 2 * I, expert_d_swiglu.data_ptr<scalar_t>(),
+                           expert_d_gate_up.data_ptr<scalar_t>(), count, I);
+      if (weight_grads) {
+        at::Tensor grad_gate_up = grad_gate_up_proj[e];
+        at::mm_out(grad_gate_up, expert_d_gate_up.t(), rows.narrow(0, row, count));
+      }
+      at::mm_out(expert_d_rows, expert_d_gate_up, gate_up_proj[e]);
+    });
+    // d hidden_states of a token: the sum of its slots' rows, in fp32.
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < H; h += 8) {
+          __m256 sum = _mm256_setzero_ps();
+          for (int64_t j = 0; j < k; ++j) {
+            sum = _mm256_add_ps(sum, load8(d_rows.data_ptr<scalar_t>() + sorted.row_of_slot[t * k + j] * H + h));
+          }
+          store8(grad_hidden.data_ptr<scalar_t>() + t * H + h, round8<scalar_t>(sum));
+        }
+      }
+    });
+  });
+  return {grad_hidden, grad_weights, grad_gate_up_proj, grad_down_proj};
 }
 
 void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* names) {
@@ -469,23 +593,23 @@ void check_input(const at::Tensor& hidden_states, int64_t H, const char* op) {
 // routing weights [tokens, k] (float), both contiguous.
 std::tuple<at::Tensor, at::Tensor> checked_routing(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
                                                    const at::Tensor& top_k_weights, const at::Tensor& gate_up_proj,
-                                                   const at::Tensor& down_proj) {
+                                                   const at::Tensor& down_proj, const char* op) {
   check_weight(gate_up_proj, 3, "gate_up_proj");
   check_weight(down_proj, 3, "down_proj");
-  check_same_dtype(gate_up_proj, down_proj, "moe_experts", "gate_up_proj and down_proj");
+  check_same_dtype(gate_up_proj, down_proj, op, "gate_up_proj and down_proj");
   const int64_t E = gate_up_proj.size(0), H = gate_up_proj.size(2), I = down_proj.size(2);
-  TORCH_CHECK(gate_up_proj.size(1) == 2 * I && down_proj.size(0) == E && down_proj.size(1) == H,
-              "mobilemoe_cpu.moe_experts: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got ",
-              gate_up_proj.sizes(), " and ", down_proj.sizes());
-  check_input(hidden_states, H, "moe_experts");
+  TORCH_CHECK(gate_up_proj.size(1) == 2 * I && down_proj.size(0) == E && down_proj.size(1) == H, "mobilemoe_cpu.", op,
+              ": expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got ", gate_up_proj.sizes(), " and ",
+              down_proj.sizes());
+  check_input(hidden_states, H, op);
   TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.size(0) == hidden_states.size(0) &&
                   top_k_weights.sizes() == top_k_index.sizes(),
-              "mobilemoe_cpu.moe_experts: top_k_index and top_k_weights must both be [tokens, k] for ",
+              "mobilemoe_cpu.", op, ": top_k_index and top_k_weights must both be [tokens, k] for ",
               hidden_states.size(0), " tokens, got ", top_k_index.sizes(), " and ", top_k_weights.sizes());
   const at::Tensor experts = top_k_index.to(at::kLong).contiguous();
   const int64_t* expert_ids = experts.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(expert_ids, expert_ids + experts.numel(), [E](int64_t e) { return e >= 0 && e < E; }),
-              "mobilemoe_cpu.moe_experts: expert index out of range [0, ", E, ")");
+              "mobilemoe_cpu.", op, ": expert index out of range [0, ", E, ")");
   return {experts, top_k_weights.to(at::kFloat).contiguous()};
 }
 
@@ -527,10 +651,42 @@ at::Tensor swiglu_mlp(const at::Tensor& hidden_states, const at::Tensor& gate, c
 // grouped GEMM for more.
 at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                        const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
-  const auto [experts, weights] = checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj);
+  const auto [experts, weights] =
+      checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, "moe_experts");
   if (experts.numel() <= kMaxStreamedSlots) return streamed_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
   check_same_dtype(hidden_states, gate_up_proj, "moe_experts", "hidden_states and the experts");
+  return std::get<0>(grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj));
+}
+
+// For training: the routed experts as a grouped GEMM at any number of slots, with what the backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward(
+    const at::Tensor& hidden_states, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+    const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  const auto [experts, weights] =
+      checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, "moe_experts_forward");
+  check_same_dtype(hidden_states, gate_up_proj, "moe_experts_forward", "hidden_states and the experts");
   return grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
+}
+
+using ExpertGrads = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
+
+ExpertGrads moe_experts_backward(
+    const at::Tensor& grad_output, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+    const at::Tensor& top_k_weights, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+    const at::Tensor& gate_up, const at::Tensor& swiglu, const at::Tensor& expert_out, bool weight_grads) {
+  const auto [experts, weights] =
+      checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, "moe_experts_backward");
+  check_same_dtype(hidden_states, gate_up_proj, "moe_experts_backward", "hidden_states and the experts");
+  const int64_t slots = experts.numel(), H = gate_up_proj.size(2), I = down_proj.size(2);
+  TORCH_CHECK(grad_output.sizes() == hidden_states.sizes() && gate_up.sizes() == at::IntArrayRef({slots, 2 * I}) &&
+                  swiglu.sizes() == at::IntArrayRef({slots, I}) && expert_out.sizes() == at::IntArrayRef({slots, H}),
+              "mobilemoe_cpu.moe_experts_backward: grad_output and the saved activations do not fit the routing of ",
+              hidden_states.size(0), " tokens");
+  auto [grad_hidden, grad_weights, grad_gate_up, grad_down] = grouped_experts_backward(
+      grad_output, hidden_states, experts, weights, gate_up_proj, down_proj, gate_up.contiguous(), swiglu.contiguous(),
+      expert_out.contiguous(), weight_grads);
+  if (!weight_grads) return {grad_hidden, grad_weights, c10::nullopt, c10::nullopt};
+  return {grad_hidden, grad_weights, grad_gate_up, grad_down};
 }
 
 // ---- Attention of a few queries over a KV cache ------------------------------------------------------------------
@@ -790,6 +946,11 @@ TORCH_LIBRARY(mobilemoe_cpu, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("moe_experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up_proj, "
         "Tensor down_proj) -> Tensor");
+  m.def("moe_experts_forward(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up_proj, "
+        "Tensor down_proj) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_experts_backward(Tensor grad_output, Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, "
+        "Tensor gate_up_proj, Tensor down_proj, Tensor gate_up, Tensor swiglu, Tensor expert_out, bool weight_grads) "
+        "-> (Tensor, Tensor, Tensor?, Tensor?)");
   m.def("swiglu_mlp(Tensor hidden_states, Tensor gate, Tensor up, Tensor down) -> Tensor");
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
   m.def("attention_input(Tensor hidden_states, Tensor norm_weight, float eps, Tensor q_proj, Tensor k_proj, "
@@ -803,6 +964,8 @@ TORCH_LIBRARY(mobilemoe_cpu, m) {
 TORCH_LIBRARY_IMPL(mobilemoe_cpu, CPU, m) {
   m.impl("linear", &streamed_linear);
   m.impl("moe_experts", &moe_experts);
+  m.impl("moe_experts_forward", &moe_experts_forward);
+  m.impl("moe_experts_backward", &moe_experts_backward);
   m.impl("swiglu_mlp", &swiglu_mlp);
   m.impl("decode_attention", &decode_attention);
   m.impl("attention_input", &attention_input);
