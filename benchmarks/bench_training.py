@@ -4,8 +4,11 @@ implementation) and a dense MobileLLM-Pro-shaped Llama, side by side in one proc
     python benchmarks/bench_training.py                       # S shape, fp32, batch 2 x 512 tokens
     python benchmarks/bench_training.py --layers 4 --dtypes float32 bfloat16
 
-The median of `--repeats` steps after a warm-up step; peak RSS sampled during each mode. A mode projected (from a
-128-token probe step) to take longer than `--budget-seconds` per step is reported as too slow, not run.
+One model at a time (two full-size fp32 training models do not fit in 24 GiB); the modes of one model (MobileMoE with
+and without the package's kernels, ...) are measured round-robin on it, step by step, each round starting one mode
+later, so the machine's drifts hit them alike and their ratios are side by side. The median of `--repeats` steps per
+mode after a warm-up step of each; peak RSS sampled while the model's modes ran. A mode projected (from a 128-token
+probe step) to take longer than `--budget-seconds` per step is reported as too slow, not run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from common import (  # noqa: E402
     bar_chart,
     build,
     median_seconds,
+    select,
     start_report,
     summarize,
     write_json,
@@ -46,23 +50,39 @@ def training_step(model, input_ids):
     return step
 
 
-def run_mode(mode: str, args, dtype: torch.dtype) -> dict:
+def run_family(modes: list[str], args, dtype: torch.dtype) -> dict[str, dict]:
+    """The modes of one model family on one model: probed, then measured round-robin (see the module docstring)."""
     generator = torch.Generator().manual_seed(0)
+    results, steps = {}, {}
     with PeakRSS() as rss:
-        model = build(mode, args.size, args.layers, dtype).train()
+        model = build(modes[0], args.size, args.layers, dtype).train()
         input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=generator)
-        probe = min(median_seconds(training_step(model, input_ids[:1, :PROBE_TOKENS]), repeats=1))
-        projected = probe * input_ids.numel() / PROBE_TOKENS
-        if projected > args.budget_seconds:
-            result = {"status": "too slow", "projected_s": projected, "tok_s_below": input_ids.numel() / projected}
-        else:
-            step_summary = summarize(median_seconds(training_step(model, input_ids), args.repeats, warmup=1))
-            result = {"status": "ok", **step_summary, "tok_s": input_ids.numel() / step_summary["median_s"]}
-        result["parameters"] = model.num_parameters()
-        del model
+        for mode in modes:
+            select(model, mode)
+            probe = min(median_seconds(training_step(model, input_ids[:1, :PROBE_TOKENS]), repeats=1))
+            projected = probe * input_ids.numel() / PROBE_TOKENS
+            if projected > args.budget_seconds:
+                speed_below = input_ids.numel() / projected
+                results[mode] = {"status": "too slow", "projected_s": projected, "tok_s_below": speed_below}
+            else:
+                steps[mode] = training_step(model, input_ids)
+                steps[mode]()  # warm-up
+        times = {mode: [] for mode in steps}
+        order = list(steps)
+        for round_index in range(args.repeats if order else 0):
+            shift = round_index % len(order)
+            for mode in order[shift:] + order[:shift]:
+                select(model, mode)
+                times[mode] += median_seconds(steps[mode], repeats=1, warmup=0)
+        for mode, mode_times in times.items():
+            summary = summarize(mode_times)
+            results[mode] = {"status": "ok", **summary, "tok_s": input_ids.numel() / summary["median_s"]}
+        parameters = model.num_parameters()
+        del model, steps
         gc.collect()
-    result["peak_rss_gib"] = rss.peak / 2**30
-    return result
+    for mode in modes:
+        results[mode].update(parameters=parameters, peak_rss_gib=rss.peak / 2**30)
+    return {mode: results[mode] for mode in modes}
 
 
 def main(argv=None) -> int:
@@ -78,13 +98,18 @@ def main(argv=None) -> int:
     out, report = start_report("training", args)
     for dtype_name in args.dtypes:
         results = report["results"][dtype_name] = {}
+        families: dict[str, list[str]] = {}
         for mode in args.modes:
-            print(f"[{dtype_name}] {mode} ...", flush=True)
-            results[mode] = run_mode(mode, args, DTYPES[dtype_name])
-            entry = results[mode]
-            speed = f"{entry['tok_s']:.1f} tok/s" if "tok_s" in entry else f"too slow (< {entry['tok_s_below']:.1f} tok/s)"
-            print(f"    {speed}, peak RSS {entry['peak_rss_gib']:.2f} GiB", flush=True)
+            families.setdefault(MODES[mode][0], []).append(mode)
+        for modes in families.values():
+            print(f"[{dtype_name}] {', '.join(modes)} ...", flush=True)
+            results.update(run_family(modes, args, DTYPES[dtype_name]))
+            for mode in modes:
+                entry = results[mode]
+                speed = f"{entry['tok_s']:.1f} tok/s" if "tok_s" in entry else f"too slow (< {entry['tok_s_below']:.1f} tok/s)"
+                print(f"    {mode}: {speed}, peak RSS {entry['peak_rss_gib']:.2f} GiB", flush=True)
             write_json(out, report)
+        results = report["results"][dtype_name] = {mode: results[mode] for mode in args.modes}
         speeds = {mode: entry["tok_s"] for mode, entry in results.items() if "tok_s" in entry}
         qwen = [value for mode, value in speeds.items() if mode.startswith("qwen2moe")]
         if "mobilemoe" in speeds:
@@ -93,6 +118,8 @@ def main(argv=None) -> int:
                 ratios["vs_best_qwen2moe"] = speeds["mobilemoe"] / max(qwen)
             if "dense-pro" in speeds:
                 ratios["vs_dense_pro"] = speeds["mobilemoe"] / speeds["dense-pro"]
+            if "mobilemoe-pytorch-ops" in speeds:  # side by side on one model
+                ratios["vs_pytorch_ops"] = speeds["mobilemoe"] / speeds["mobilemoe-pytorch-ops"]
         write_json(out, report)
 
     print(f"\n{'dtype':<9} {'mode':<28} {'train tok/s':>11} {'peak RSS GiB':>12}")

@@ -42,13 +42,15 @@ def test_training_benchmark_smoke(tmp_path):
     out = tmp_path / "training.json"
     command = [
         sys.executable, str(BENCHMARKS / "bench_training.py"), "--layers", "1", "--batch", "1", "--seq-len", "32",
-        "--repeats", "1", "--modes", "mobilemoe", "qwen2moe-grouped_mm", "--out", str(out),
+        "--repeats", "2", "--modes", "mobilemoe", "qwen2moe-grouped_mm", "mobilemoe-pytorch-ops", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["results"]["float32"]["mobilemoe"]["tok_s"] > 0
-    assert "vs_best_qwen2moe" in report["ratios"]["float32"]
+    results = report["results"]["float32"]
+    assert list(results) == ["mobilemoe", "qwen2moe-grouped_mm", "mobilemoe-pytorch-ops"]  # as asked, not by model
+    assert results["mobilemoe"]["tok_s"] > 0 and results["mobilemoe-pytorch-ops"]["runs"] == 2
+    assert {"vs_best_qwen2moe", "vs_pytorch_ops"} <= set(report["ratios"]["float32"])
 
 
 @pytest.mark.slow
@@ -69,4 +71,20 @@ def test_export_benchmark_smoke(tmp_path):
 
     assert moe["int4_weight_bytes"] == MobileMoEConfig.from_preset("S", num_hidden_layers=1).int4_weight_bytes()
     assert "decode" in report["ratios"]["onnx"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_experts_benchmark_smoke(tmp_path):
+    out = tmp_path / "experts.json"
+    command = [
+        sys.executable, str(BENCHMARKS / "bench_experts.py"), "--tokens", "64", "--repeats", "1", "--dtypes",
+        "float32", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for phase in ("inference", "training"):
+        assert set(report["results"]["float32"][phase]) == {"cpu_fused", "sorted_mm-pytorch-ops", "grouped_mm", "eager"}
+        assert report["ratios"]["float32"][phase]["vs_grouped_mm"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -34,6 +34,15 @@ def instruction_set(request):
 
 
 @pytest.fixture
+def two_threads():
+    """Two torch threads (pytest-xdist workers run one each): the grouped GEMM splits its experts between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def native_bf16_matmul(monkeypatch):
     """The operators' GEMM paths (past a few rows) on every CPU: where bf16 matmuls are not native they are slow, not
     wrong, and the package runs the modules' float32 upcasts there instead."""
@@ -150,7 +159,7 @@ def test_every_linear_of_a_model_runs_the_kernel_forward_and_stays_an_nn_linear(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 2, 4, 40])  # streamed slots, and a grouped GEMM (40 tokens, 80 slots)
-@pytest.mark.usefixtures("native_bf16_matmul")
+@pytest.mark.usefixtures("native_bf16_matmul", "two_threads")
 def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts
     hidden = torch.randn(num_tokens, 64, dtype=dtype)
@@ -199,7 +208,7 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_nativ
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trained", ["everything", "frozen-experts", "routing-only"])
-@pytest.mark.usefixtures("native_bf16_matmul")
+@pytest.mark.usefixtures("native_bf16_matmul", "two_threads")
 def test_fused_experts_train_through_a_grouped_gemm_with_eager_gradients(dtype, trained):
     trainable_experts = trained == "everything"
     experts = make_model().to(dtype).moe_blocks()[0].routed_experts.requires_grad_(trainable_experts)
@@ -369,7 +378,7 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.usefixtures("native_bf16_matmul")
+@pytest.mark.usefixtures("native_bf16_matmul", "two_threads")
 def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
     # the experts (2 x 12 tokens, 48 slots), transformers' sdpa with the padding mask.

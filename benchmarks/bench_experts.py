@@ -1,0 +1,145 @@
+"""The routed experts of one MoE layer at prefill length, each implementation side by side on one module: inference (no
+autograd) and a training step (forward, and backward of a loss on the output into the hidden states, the routing
+weights and the experts' weights), measured round-robin, each round starting one mode later, median of `--repeats`.
+
+    python benchmarks/bench_experts.py                     # S shape, 1024 tokens, fp32 and bf16, writes JSON + PNG
+    python benchmarks/bench_experts.py --tokens 256 --dtypes bfloat16
+
+Routing is balanced random top-k (every token picks k distinct experts uniformly), what a load-balanced router gives.
+Modes:
+- `cpu_fused`: the package's operators (few slots streamed, more a grouped GEMM in C++ with each expert's GEMMs on
+  one core; training: `kernels.GroupedExperts`), what the default `sorted_mm` runs on CPU;
+- `sorted_mm-pytorch-ops`: the default with the kernels off (a Python loop over the experts that got tokens;
+  training: transformers' `grouped_mm`);
+- `grouped_mm` and `eager`: transformers' grouped GEMM, and the reference loop of the modeling file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    DTYPES,
+    add_common_arguments,
+    bar_chart,
+    build_mobilemoe,
+    start_report,
+    summarize,
+    write_json,
+)
+
+from modeling_mobilemoe import kernels  # noqa: E402
+
+
+# mode -> (experts implementation, the package's CPU kernels on)
+MODES = {
+    "cpu_fused": ("sorted_mm", True),
+    "sorted_mm-pytorch-ops": ("sorted_mm", False),
+    "grouped_mm": ("grouped_mm", False),
+    "eager": ("eager", False),
+}
+
+
+def balanced_routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    top_k_index = torch.rand(tokens, experts, generator=generator).topk(top_k, dim=-1).indices
+    return top_k_index, torch.rand(tokens, top_k, generator=generator)
+
+
+def phase_runner(experts, phase: str, hidden_states, top_k_index, top_k_weights):
+    """One call of `experts` for `phase` ("inference" or "training")."""
+    if phase == "inference":
+
+        def run():
+            with torch.no_grad():
+                experts(hidden_states, top_k_index, top_k_weights)
+
+        return run
+    hidden_states = hidden_states.detach().requires_grad_(True)
+    top_k_weights = top_k_weights.detach().requires_grad_(True)
+
+    def run():
+        experts(hidden_states, top_k_index, top_k_weights).float().sum().backward()
+        hidden_states.grad = top_k_weights.grad = None
+        experts.zero_grad(set_to_none=True)
+
+    return run
+
+
+def run_dtype(args, dtype: torch.dtype) -> dict:
+    model = build_mobilemoe(args.size, 1, dtype)
+    experts = model.moe_blocks()[0].routed_experts
+    top_k_index, top_k_weights = balanced_routing(args.tokens, experts.num_experts, model.config.num_experts_per_tok)
+    generator = torch.Generator().manual_seed(1)
+    hidden_states = torch.randn(args.tokens, experts.hidden_dim, dtype=dtype, generator=generator)
+    results = {}
+    for phase in ("inference", "training"):
+        runs = {mode: phase_runner(experts, phase, hidden_states, top_k_index, top_k_weights) for mode in args.modes}
+        times = {mode: [] for mode in args.modes}
+        for round_index in range(args.repeats + 1):  # round 0 warms every mode up
+            shift = round_index % len(args.modes)
+            for mode in args.modes[shift:] + args.modes[:shift]:
+                implementation, use_kernels = MODES[mode]
+                experts.config._experts_implementation = implementation
+                with kernels.enabled(use_kernels):
+                    start = time.perf_counter()
+                    runs[mode]()
+                    elapsed = time.perf_counter() - start
+                if round_index:
+                    times[mode].append(elapsed)
+        results[phase] = {mode: summarize(mode_times) for mode, mode_times in times.items()}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, default_dtypes=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    out, report = start_report("experts", args)
+    for dtype_name in args.dtypes:
+        print(f"[{dtype_name}] {', '.join(args.modes)} ...", flush=True)
+        results = report["results"][dtype_name] = run_dtype(args, DTYPES[dtype_name])
+        if "cpu_fused" in args.modes:
+            report["ratios"][dtype_name] = {
+                phase: {
+                    f"vs_{mode}": entries[mode]["median_s"] / entries["cpu_fused"]["median_s"]
+                    for mode in entries
+                    if mode != "cpu_fused"
+                }
+                for phase, entries in results.items()
+            }
+        write_json(out, report)
+
+    print(f"\n{'dtype':<9} {'phase':<10} {'mode':<24} {'median ms':>10} {'min ms':>8}")
+    for dtype_name, phases in report["results"].items():
+        for phase, entries in phases.items():
+            for mode, entry in entries.items():
+                median, fastest = entry["median_s"] * 1e3, entry["min_s"] * 1e3
+                print(f"{dtype_name:<9} {phase:<10} {mode:<24} {median:>10.1f} {fastest:>8.1f}")
+            for name, value in report["ratios"].get(dtype_name, {}).get(phase, {}).items():
+                print(f"{dtype_name:<9} {phase:<10} cpu_fused speed-up {name}: {value:.2f}x")
+    chart = os.path.splitext(out)[0] + ".png"
+    panels = {
+        f"{phase} {dtype_name}": {mode: entry["median_s"] * 1e3 for mode, entry in entries.items()}
+        for dtype_name, phases in report["results"].items()
+        for phase, entries in phases.items()
+    }
+    title = f"MobileMoE-{args.size} routed experts of one layer, {args.tokens} tokens, {args.threads} threads"
+    bar_chart(chart, title, panels, "ms (lower is better)")
+    print(f"wrote {out} and {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
