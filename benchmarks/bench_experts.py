@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -30,6 +29,8 @@ from common import (  # noqa: E402
     add_common_arguments,
     bar_chart,
     build_mobilemoe,
+    median_seconds,
+    rotated,
     start_report,
     summarize,
     write_json,
@@ -84,16 +85,13 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
         runs = {mode: phase_runner(experts, phase, hidden_states, top_k_index, top_k_weights) for mode in args.modes}
         times = {mode: [] for mode in args.modes}
         for round_index in range(args.repeats + 1):  # round 0 warms every mode up
-            shift = round_index % len(args.modes)
-            for mode in args.modes[shift:] + args.modes[:shift]:
+            for mode in rotated(args.modes, round_index):
                 implementation, use_kernels = MODES[mode]
                 experts.config._experts_implementation = implementation
                 with kernels.enabled(use_kernels):
-                    start = time.perf_counter()
-                    runs[mode]()
-                    elapsed = time.perf_counter() - start
+                    elapsed = median_seconds(runs[mode], repeats=1, warmup=0)
                 if round_index:
-                    times[mode].append(elapsed)
+                    times[mode] += elapsed
         results[phase] = {mode: summarize(mode_times) for mode, mode_times in times.items()}
     return results
 

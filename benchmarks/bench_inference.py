@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     drop_published_layout_copies,
     median_seconds,
     memory_bandwidth,
+    rotated,
     select,
     start_report,
     summarize,
@@ -155,10 +156,7 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
             drop_published_layout_copies(model)
 
     for round_index in range(args.rounds):
-        # Each round starts one mode later: whatever the previous mode leaves behind (freed memory the allocator must
-        # fault in again, caches) falls on a different mode each round rather than always on the first.
-        shift = round_index % len(interleaved)
-        for mode in interleaved[shift:] + interleaved[:shift]:
+        for mode in rotated(interleaved, round_index):
             family = MODES[mode][0]
             select(models[family], mode)
             recorders[mode].measure("decode", decoders[family], args.decode_steps, warmup=2)

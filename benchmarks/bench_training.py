@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     bar_chart,
     build,
     median_seconds,
+    rotated,
     select,
     start_report,
     summarize,
@@ -68,10 +69,8 @@ def run_family(modes: list[str], args, dtype: torch.dtype) -> dict[str, dict]:
                 steps[mode] = training_step(model, input_ids)
                 steps[mode]()  # warm-up
         times = {mode: [] for mode in steps}
-        order = list(steps)
-        for round_index in range(args.repeats if order else 0):
-            shift = round_index % len(order)
-            for mode in order[shift:] + order[:shift]:
+        for round_index in range(args.repeats):
+            for mode in rotated(list(steps), round_index):
                 select(model, mode)
                 times[mode] += median_seconds(steps[mode], repeats=1, warmup=0)
         for mode, mode_times in times.items():

@@ -153,6 +153,14 @@ def select(model, mode: str) -> None:
     model.set_experts_implementation(experts or ("sorted_mm" if family == "mobilemoe" else "grouped_mm"))
 
 
+def rotated(modes: list[str], round_index: int) -> list[str]:
+    """`modes` in the order round `round_index` runs them: each round starts one mode later, so whatever the previous
+    mode leaves behind (freed memory the allocator must fault in again, caches, a drift of the machine) falls on a
+    different mode each round rather than always on the first."""
+    shift = round_index % len(modes) if modes else 0
+    return modes[shift:] + modes[:shift]
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()

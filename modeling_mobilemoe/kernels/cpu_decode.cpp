@@ -512,6 +512,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts_backw
   const at::Tensor x = hidden_states.contiguous(), dy = grad_output.contiguous().to(x.scalar_type());
   const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k;
   const int64_t E = gate_up_proj.size(0), I = down_proj.size(2);
+  // The sort and the gathered rows are recomputed (a counting sort and one gather) rather than saved by the forward,
+  // which would keep another [slots, H] per MoE layer alive until the backward.
   const SortedSlots sorted = sort_slots(experts, E);
   const at::Tensor rows = x.index_select(0, sorted.token_of_row);
   at::Tensor d_out = at::empty({slots, H}, x.options()), d_swiglu = at::empty({slots, I}, x.options());
