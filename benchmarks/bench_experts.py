@@ -16,7 +16,6 @@ Modes:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,17 +23,7 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    DTYPES,
-    add_common_arguments,
-    bar_chart,
-    build_mobilemoe,
-    median_seconds,
-    rotated,
-    start_report,
-    summarize,
-    write_json,
-)
+from common import build_mobilemoe, median_seconds, phase_benchmark_main, round_robin  # noqa: E402
 
 from modeling_mobilemoe import kernels  # noqa: E402
 
@@ -83,60 +72,19 @@ def run_dtype(args, dtype: torch.dtype) -> dict:
     results = {}
     for phase in ("inference", "training"):
         runs = {mode: phase_runner(experts, phase, hidden_states, top_k_index, top_k_weights) for mode in args.modes}
-        times = {mode: [] for mode in args.modes}
-        for round_index in range(args.repeats + 1):  # round 0 warms every mode up
-            for mode in rotated(args.modes, round_index):
-                implementation, use_kernels = MODES[mode]
-                experts.config._experts_implementation = implementation
-                with kernels.enabled(use_kernels):
-                    elapsed = median_seconds(runs[mode], repeats=1, warmup=0)
-                if round_index:
-                    times[mode] += elapsed
-        results[phase] = {mode: summarize(mode_times) for mode, mode_times in times.items()}
+
+        def measure(mode: str) -> float:
+            implementation, use_kernels = MODES[mode]
+            experts.config._experts_implementation = implementation
+            with kernels.enabled(use_kernels):
+                return median_seconds(runs[mode], repeats=1, warmup=0)[0]
+
+        results[phase] = round_robin(args.modes, args.repeats, measure)
     return results
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, default_dtypes=["float32", "bfloat16"])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
-
-    out, report = start_report("experts", args)
-    for dtype_name in args.dtypes:
-        print(f"[{dtype_name}] {', '.join(args.modes)} ...", flush=True)
-        results = report["results"][dtype_name] = run_dtype(args, DTYPES[dtype_name])
-        if "cpu_fused" in args.modes:
-            report["ratios"][dtype_name] = {
-                phase: {
-                    f"vs_{mode}": entries[mode]["median_s"] / entries["cpu_fused"]["median_s"]
-                    for mode in entries
-                    if mode != "cpu_fused"
-                }
-                for phase, entries in results.items()
-            }
-        write_json(out, report)
-
-    print(f"\n{'dtype':<9} {'phase':<10} {'mode':<24} {'median ms':>10} {'min ms':>8}")
-    for dtype_name, phases in report["results"].items():
-        for phase, entries in phases.items():
-            for mode, entry in entries.items():
-                median, fastest = entry["median_s"] * 1e3, entry["min_s"] * 1e3
-                print(f"{dtype_name:<9} {phase:<10} {mode:<24} {median:>10.1f} {fastest:>8.1f}")
-            for name, value in report["ratios"].get(dtype_name, {}).get(phase, {}).items():
-                print(f"{dtype_name:<9} {phase:<10} cpu_fused speed-up {name}: {value:.2f}x")
-    chart = os.path.splitext(out)[0] + ".png"
-    panels = {
-        f"{phase} {dtype_name}": {mode: entry["median_s"] * 1e3 for mode, entry in entries.items()}
-        for dtype_name, phases in report["results"].items()
-        for phase, entries in phases.items()
-    }
-    title = f"MobileMoE-{args.size} routed experts of one layer, {args.tokens} tokens, {args.threads} threads"
-    bar_chart(chart, title, panels, "ms (lower is better)")
-    print(f"wrote {out} and {chart}")
-    return 0
+    return phase_benchmark_main(argv, __doc__, "experts", list(MODES), "cpu_fused", run_dtype)
 
 
 if __name__ == "__main__":

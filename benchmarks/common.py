@@ -11,6 +11,7 @@ Models are built from configs with random weights (nothing is downloaded):
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -170,6 +171,69 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> l
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def round_robin(modes: list[str], repeats: int, measure: Callable[[str], float]) -> dict[str, dict]:
+    """Summaries (`summarize`) of `repeats` calls of `measure(mode)` (the seconds of one run of `mode`) per mode,
+    measured round-robin after a warm-up round, each round starting one mode later (`rotated`)."""
+    times = {mode: [] for mode in modes}
+    for round_index in range(repeats + 1):  # round 0 warms every mode up
+        for mode in rotated(modes, round_index):
+            elapsed = measure(mode)
+            if round_index:
+                times[mode].append(elapsed)
+    return {mode: summarize(mode_times) for mode, mode_times in times.items()}
+
+
+def report_phases(report: dict, out: str, subject: str, title: str) -> None:
+    """For a report whose results are {dtype: {phase: {mode: summary}}}: `subject`'s speed-up over every other mode
+    per phase into its ratios, the JSON, a table, and a PNG chart beside the JSON (one panel per phase and dtype)."""
+    for dtype_name, phases in report["results"].items():
+        report["ratios"][dtype_name] = {
+            phase: {
+                f"vs_{mode}": entries[mode]["median_s"] / entries[subject]["median_s"]
+                for mode in entries
+                if mode != subject
+            }
+            for phase, entries in phases.items()
+            if subject in entries
+        }
+    write_json(out, report)
+    print(f"\n{'dtype':<9} {'phase':<10} {'mode':<24} {'median ms':>10} {'min ms':>8}")
+    for dtype_name, phases in report["results"].items():
+        for phase, entries in phases.items():
+            for mode, entry in entries.items():
+                median, fastest = entry["median_s"] * 1e3, entry["min_s"] * 1e3
+                print(f"{dtype_name:<9} {phase:<10} {mode:<24} {median:>10.1f} {fastest:>8.1f}")
+            for name, value in report["ratios"][dtype_name].get(phase, {}).items():
+                print(f"{dtype_name:<9} {phase:<10} {subject} speed-up {name}: {value:.2f}x")
+    chart = os.path.splitext(out)[0] + ".png"
+    panels = {
+        f"{phase} {dtype_name}": {mode: entry["median_s"] * 1e3 for mode, entry in entries.items()}
+        for dtype_name, phases in report["results"].items()
+        for phase, entries in phases.items()
+    }
+    bar_chart(chart, title, panels, "ms (lower is better)")
+    print(f"wrote {out} and {chart}")
+
+
+def phase_benchmark_main(argv, description: str, benchmark: str, modes: list[str], subject: str, run_dtype) -> int:
+    """The command line of a benchmark of one layer's component (`bench_experts.py`, `bench_attention.py`): options,
+    `run_dtype(args, dtype)` ({phase: {mode: summary}}) per dtype, then `report_phases` against `subject`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, default_dtypes=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--modes", nargs="+", default=modes, choices=modes)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    out, report = start_report(benchmark, args)
+    for dtype_name in args.dtypes:
+        print(f"[{dtype_name}] {', '.join(args.modes)} ...", flush=True)
+        report["results"][dtype_name] = run_dtype(args, DTYPES[dtype_name])
+    title = f"MobileMoE-{args.size} {benchmark} of one layer, {args.tokens} tokens, {args.threads} threads"
+    report_phases(report, out, subject, title)
+    return 0
 
 
 class PeakRSS:

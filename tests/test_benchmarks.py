@@ -75,16 +75,28 @@ def test_export_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_experts_benchmark_smoke(tmp_path):
-    out = tmp_path / "experts.json"
+@pytest.mark.parametrize(
+    "script, dtype, phases, modes",
+    [
+        (
+            "bench_experts.py",
+            "float32",
+            ("inference", "training"),
+            ("cpu_fused", "sorted_mm-pytorch-ops", "grouped_mm", "eager"),
+        ),
+        ("bench_attention.py", "bfloat16", ("causal", "padded"), ("prefill_attention", "sdpa", "eager")),
+    ],
+)
+def test_layer_component_benchmark_smoke(tmp_path, script, dtype, phases, modes):
+    out = tmp_path / "report.json"
     command = [
-        sys.executable, str(BENCHMARKS / "bench_experts.py"), "--tokens", "64", "--repeats", "1", "--dtypes",
-        "float32", "--out", str(out),
+        sys.executable, str(BENCHMARKS / script), "--tokens", "48", "--repeats", "1", "--dtypes", dtype,
+        "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    for phase in ("inference", "training"):
-        assert set(report["results"]["float32"][phase]) == {"cpu_fused", "sorted_mm-pytorch-ops", "grouped_mm", "eager"}
-        assert report["ratios"]["float32"][phase]["vs_grouped_mm"] > 0
+    for phase in phases:
+        assert set(report["results"][dtype][phase]) == set(modes)
+        assert report["ratios"][dtype][phase][f"vs_{modes[1]}"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

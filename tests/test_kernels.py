@@ -326,22 +326,88 @@ def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_rejects_
         torch.ops.mobilemoe_cpu.decode_attention(torch.randn(1, 3, 1, 16), key, key, None, 0.25)
 
 
-def test_attention_runs_the_kernel_for_decode_only():
+def eager_attention_reference(query, key, value, mask):
+    """Attention as transformers' eager attention computes it in the inputs' dtype (scores and probabilities rounded
+    to it, softmax in float32), in the kernels' layout [B, Tq, Hq, D]; rows that may see nothing are zeros, as SDPA
+    gives."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (tensor.repeat_interleave(groups, 1) for tensor in (key, value))
+    scores = (query @ key.transpose(2, 3) * query.shape[-1] ** -0.5).masked_fill(~mask, float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
+    return (probabilities @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "queries, keys, mask",
+    [
+        (70, 70, "causal"),  # two blocks of 64 query positions (one pair), the second partial
+        (150, 150, "causal"),  # three blocks: a pair and a middle block
+        (150, 151, "causal"),  # a static cache one longer: causal attention never reaches the extra key
+        (40, 90, "none"),  # every query sees every key
+        (70, 70, "padding"),  # left padding: rows that see nothing
+        (33, 80, "random"),  # gaps, a row that sees only the last key, a row that sees nothing
+    ],
+)
+@pytest.mark.parametrize("head_dim", [16, 72])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("two_threads")
+def test_prefill_attention_matches_eager_attention(queries, keys, mask, head_dim, dtype):
+    # 2 key/value heads of 3 query heads each, a batch of two.
+    query = torch.randn(2, 6, queries, head_dim, dtype=dtype)
+    key, value = (torch.randn(2, 2, keys, head_dim, dtype=dtype) for _ in range(2))
+    allowed = torch.ones(queries, keys, dtype=torch.bool).expand(2, 1, queries, keys).clone()
+    if mask in ("causal", "padding"):
+        allowed = allowed.tril()  # top-left aligned, as SDPA's is_causal
+    if mask == "padding":
+        allowed[1, ..., :7] = False
+    elif mask == "random":
+        allowed = torch.rand(2, 1, queries, keys) > 0.5
+        allowed[1, :, 5] = False
+        allowed[1, :, 6] = False
+        allowed[1, :, 6, -1] = True
+    given = allowed if mask in ("padding", "random") else None  # else `causal` says which keys each query sees
+    out = torch.ops.mobilemoe_cpu.prefill_attention(query, key, value, given, head_dim**-0.5, mask == "causal")
+    assert out.dtype == dtype and out.shape == (2, queries, 6, head_dim)
+    expected = eager_attention_reference(query, key, value, allowed)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=0)
+    exact = sdpa_reference(query, key, value, allowed).nan_to_num(0.0)
+    # bf16: scores and probabilities rounded as eager attention rounds them
+    assert (out.double() - exact).abs().max() < (1e-5 if dtype == torch.float32 else 3e-2)
+    if mask == "padding":
+        assert torch.equal(out[1, :7], torch.zeros_like(out[1, :7]))
+
+
+def test_prefill_attention_rejects_bad_inputs_with_the_reason():
+    query, key = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16), torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="must be all float32 or all bfloat16"):
+        torch.ops.mobilemoe_cpu.prefill_attention(query.half(), key.half(), key.half(), None, 0.25, True)
+    with pytest.raises(RuntimeError, match="the mask must be bool"):
+        torch.ops.mobilemoe_cpu.prefill_attention(query, key, key, torch.zeros(1, 1, 8, 8), 0.25, True)
+    with pytest.raises(RuntimeError, match="does not fit key"):
+        torch.ops.mobilemoe_cpu.prefill_attention(query[:, :3], key, key, None, 0.25, True)
+
+
+def test_attention_runs_the_kernels_at_inference_only(monkeypatch):
     model = make_model()
     assert model.config._attn_implementation == "sdpa"
     input_ids = tokens(batch=2, length=6)
     with torch.no_grad():
+        for queries, kernel in ((6, "prefill_attention"), (1, "decode_attention")):
+            with torch.profiler.profile() as profile:
+                logits = model(input_ids[:, :queries]).logits
+            assert ran(kernel, profile)
+            with kernels.enabled(False):
+                torch.testing.assert_close(logits, model(input_ids[:, :queries]).logits, atol=1e-5, rtol=1e-5)
+    for queries in (6, 1):  # autograd: sdpa, so gradients flow
         with torch.profiler.profile() as profile:
-            model(input_ids)  # prefill (causal, six queries): transformers' sdpa
-        assert not ran("decode_attention", profile)
-        with torch.profiler.profile() as profile:
-            logits = model(input_ids[:, :1]).logits  # one query
-        assert ran("decode_attention", profile)
-        with kernels.enabled(False):
-            torch.testing.assert_close(logits, model(input_ids[:, :1]).logits, atol=1e-5, rtol=1e-5)
-    with torch.profiler.profile() as profile:
-        model(input_ids[:, :1]).logits.sum().backward()  # autograd: sdpa, so gradients flow
-    assert not ran("decode_attention", profile)
+            model(input_ids[:, :queries]).logits.sum().backward()
+        assert not ran("decode_attention", profile) and not ran("prefill_attention", profile)
+    model.to(torch.bfloat16)
+    for slow in (False, True):  # bf16 prefill: the kernel only where the CPU multiplies bf16 natively
+        monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: slow)
+        with torch.no_grad(), torch.profiler.profile() as profile:
+            model(input_ids)
+        assert ran("prefill_attention", profile) is not slow
 
 
 def decode_step(model, input_ids, **kwargs):
@@ -381,7 +447,8 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
 @pytest.mark.usefixtures("native_bf16_matmul", "two_threads")
 def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
-    # the experts (2 x 12 tokens, 48 slots), transformers' sdpa with the padding mask.
+    # the experts (2 x 12 tokens, 48 slots), `prefill_attention` with the padding mask (it computes what eager
+    # attention does).
     model = make_model(
         num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], routed_scaling_factor=1.7
     ).to(dtype)
@@ -392,15 +459,18 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
         with torch.profiler.profile() as profile:
             out = model(input_ids, attention_mask=attention_mask, use_cache=True)
         with kernels.enabled(False):
+            model.set_attn_implementation("eager")
             stock = model(input_ids, attention_mask=attention_mask, use_cache=True)
-    assert runs("attention_input", profile) == runs("layer_output", profile) == 4
-    with torch.inference_mode():  # the grouped GEMM's worker threads run under it too
+            model.set_attn_implementation("sdpa")
+    assert runs("attention_input", profile) == runs("layer_output", profile) == runs("prefill_attention", profile) == 4
+    with torch.inference_mode():  # the grouped GEMM's and the attention's worker threads run under it too
         inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
     torch.testing.assert_close(inference.logits, out.logits, atol=0, rtol=0)
-    kept = attention_mask.bool()
+    kept = attention_mask.bool()  # padding positions see nothing: zeros in SDPA and the kernels, a mean in eager
     torch.testing.assert_close(out.logits[kept], stock.logits[kept], atol=TOLERANCE[dtype], rtol=0)
     for fused_layer, stock_layer in zip(out.cache.layers, stock.cache.layers):
-        torch.testing.assert_close(fused_layer.keys, stock_layer.keys, atol=TOLERANCE[dtype], rtol=0)
+        fused_keys, stock_keys = (keys.transpose(1, 2)[kept] for keys in (fused_layer.keys, stock_layer.keys))
+        torch.testing.assert_close(fused_keys, stock_keys, atol=TOLERANCE[dtype], rtol=0)
 
 
 def test_bf16_prefill_runs_the_layers_own_forward_where_the_cpu_has_no_native_bf16_matmul(monkeypatch):
@@ -558,6 +628,19 @@ def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # inductor fuses the norms: bf16 rounds elsewhere
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(actual, stock, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.usefixtures("native_bf16_matmul")
+def test_bf16_prefill_compiles_fullgraph_with_the_attention_kernel_as_an_opaque_op():
+    model = make_model().to(torch.bfloat16)
+    input_ids = tokens(batch=1, length=9)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)
+        with torch.profiler.profile() as profile:
+            actual = compiled(input_ids).logits
+    assert ran("prefill_attention", profile)
+    torch.testing.assert_close(actual, expected, atol=3e-2, rtol=3e-2)  # inductor fuses the norms, as above
 
 
 def test_exported_programs_use_stock_ops_only():
