@@ -15,6 +15,13 @@ from modeling_mobilemoe.modeling_mobilemoe import _onednn_supports
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def loaded_kernels():
+    """The operators exist once the extension is loaded: tests that call them directly must not depend on an earlier
+    test (or model) having loaded it."""
+    kernels.available()
+
+
 def test_kernels_build_on_this_machine():
     # CI runs on the machine kind the benchmarks ran on: a silent fallback there would hide a broken build.
     assert kernels.available(), kernels.unavailable_reason()
@@ -377,6 +384,16 @@ def test_prefill_attention_matches_eager_attention(queries, keys, mask, head_dim
         assert torch.equal(out[1, :7], torch.zeros_like(out[1, :7]))
 
 
+def test_prefill_attention_takes_broadcast_masks_and_strided_inputs():
+    # A mask shared by the batch (stride 0 over it), query and key as transposed views, as an uncached prefill gives.
+    query = torch.randn(2, 70, 6, 16, dtype=torch.bfloat16).transpose(1, 2)
+    key, value = (torch.randn(2, 70, 2, 16, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    allowed = (torch.rand(1, 1, 70, 70) > 0.3).tril().expand(2, 1, 70, 70)
+    out = torch.ops.mobilemoe_cpu.prefill_attention(query, key, value, allowed, 0.25, False)
+    expected = eager_attention_reference(*(tensor.contiguous() for tensor in (query, key, value)), allowed)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
 def test_prefill_attention_rejects_bad_inputs_with_the_reason():
     query, key = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16), torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="must be all float32 or all bfloat16"):
@@ -398,6 +415,12 @@ def test_attention_runs_the_kernels_at_inference_only(monkeypatch):
             assert ran(kernel, profile)
             with kernels.enabled(False):
                 torch.testing.assert_close(logits, model(input_ids[:, :queries]).logits, atol=1e-5, rtol=1e-5)
+        # A hooked attention runs the layer's own forward, whose keys and values without a cache are transposed views.
+        handle = model.model.layers[0].self_attn.register_forward_hook(lambda *args: None)
+        with torch.profiler.profile() as profile:
+            model(input_ids, use_cache=False)
+        handle.remove()
+        assert runs("prefill_attention", profile) == model.config.num_hidden_layers
     for queries in (6, 1):  # autograd: sdpa, so gradients flow
         with torch.profiler.profile() as profile:
             model(input_ids[:, :queries]).logits.sum().backward()

@@ -228,9 +228,12 @@ def _cpu_outside_export(input: torch.Tensor) -> bool:
     return _state["enabled"] and input.device.type == "cpu" and not torch.compiler.is_exporting()
 
 
-def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor, differentiable: bool = False) -> bool:
+def _kernel_applies(
+    input: torch.Tensor, *weights: torch.Tensor, differentiable: bool = False, strided: bool = False
+) -> bool:
     """The kernels are for CPU tensors of one supported dtype and never go into exported programs; they are
-    inference-only unless the caller is `differentiable` (runs them inside an `autograd.Function`)."""
+    inference-only unless the caller is `differentiable` (runs them inside an `autograd.Function`). `weights` must be
+    contiguous unless the operator takes them `strided` (copying them itself, as the attention operators do)."""
     if not _cpu_outside_export(input):
         return False
     needs_grad = input.requires_grad or any(weight.requires_grad for weight in weights)
@@ -240,7 +243,7 @@ def _kernel_applies(input: torch.Tensor, *weights: torch.Tensor, differentiable:
     dtype_ok = input.dtype in _KERNEL_DTYPES and all(
         weight.dtype == input.dtype and type(weight) in (torch.Tensor, nn.Parameter) for weight in weights
     )
-    layout_ok = all(weight.is_contiguous() and weight.shape[-1] % 8 == 0 for weight in weights)
+    layout_ok = all((strided or weight.is_contiguous()) and weight.shape[-1] % 8 == 0 for weight in weights)
     return dtype_ok and layout_ok and (_state["loaded"] if torch.compiler.is_compiling() else available())
 
 
@@ -553,7 +556,7 @@ def cpu_sdpa_attention_forward(
         and dropout == 0.0
         and all(kwargs.get(option) is None for option in ("position_bias", "softcap"))
         and not kwargs.get("output_attentions", False)
-        and _kernel_applies(query, key, value)
+        and _kernel_applies(query, key, value, strided=True)  # e.g. keys and values without a cache: transposed views
         # Shapes last, as in `cpu_linear_forward`.
         and key.shape == value.shape
         and (attention_mask is None or attention_mask.shape[1] == 1 and attention_mask.shape[-1] == key.shape[2])
