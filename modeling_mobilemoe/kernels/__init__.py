@@ -14,8 +14,8 @@ around them: elementwise passes, and for the routed experts a Python iteration p
 - `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
   its query group;
 - `prefill_attention`: attention of many queries as eager attention computes it, oneDNN's GEMMs on blocks of query
-  positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2x
-  PyTorch's CPU SDPA in bf16 on CPUs without AMX, 1.2x in fp32;
+  positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2.3x
+  PyTorch's CPU SDPA in bf16 on CPUs without AMX, 1.16x in fp32;
 - `attention_input` and `layer_output`: the rest of a decoder layer around the cache update and attention (norms,
   projections, RoPE, QK-norm, FP32 routing, the feed-forward, residuals), which eagerly is ~350 operator calls a
   layer (full S decode steps measured 1.16-1.25x faster with them, fp32 and bf16), at decode and at prefill.
@@ -547,9 +547,9 @@ def cpu_sdpa_attention_forward(
     """transformers' `sdpa` attention for CPUs, at inference: few queries (decode) run the `decode_attention` kernel,
     which reads each key/value head once for its whole query group (PyTorch's CPU SDPA took ~220 us a layer for one
     bf16 query at 1k context); more queries (prefill) run `prefill_attention`, oneDNN's GEMMs around one softmax pass,
-    as eager attention computes it (a 1k-token S layer: bf16 7 ms against SDPA's 15, which on CPUs without AMX
-    multiplies bf16 at its fp32 speed; fp32 12 against 15), bf16 only where the CPU has native bf16 matmuls; anything
-    else is `sdpa_attention_forward` itself."""
+    as eager attention computes it (`benchmarks/bench_attention.py`, a 1k-token S layer: bf16 8.5 ms against SDPA's
+    19.4, which on CPUs without AMX multiplies bf16 at its fp32 speed; fp32 13.8 against 16.0), bf16 only where the
+    CPU has native bf16 matmuls; anything else is `sdpa_attention_forward` itself."""
     bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
     supported = (
         (attention_mask is None or bool_mask)

@@ -812,12 +812,12 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 
 // ---- Attention of many queries (prefill) ---------------------------------------------------------------------------
 // PyTorch's CPU SDPA (flash attention) runs bf16 GEMMs through a path that, on CPUs without AMX, computes at its fp32
-// speed: a 1k-token S layer's attention took 15 ms in bf16, where oneDNN's bf16 GEMMs on the same products take about
-// 3 (fp32: 15 ms, 12 here). This runs the attention as transformers' eager attention computes it in the activations'
-// dtype T: scores = q k^T (oneDNN GEMM, rounded to T), times the scale (rounded), masked, softmax in fp32,
-// probabilities rounded to T, then probabilities @ v (oneDNN GEMM). Per key/value head and block of query positions,
-// the block's rows of every query head of the group are stacked into one GEMM, and keys past the last one any row of
-// the block may see are never multiplied (causal attention: about half the products).
+// speed: a 1k-token S layer's attention takes 19 ms in bf16 (benchmarks/bench_attention.py), where oneDNN's bf16 GEMMs
+// on the same products took about 3 (fp32: 16 ms, 14 here). This runs the attention as transformers' eager attention
+// computes it in the activations' dtype T: scores = q k^T (oneDNN GEMM, rounded to T), times the scale (rounded),
+// masked, softmax in fp32, probabilities rounded to T, then probabilities @ v (oneDNN GEMM). Per key/value head and
+// block of query positions, the block's rows of every query head of the group are stacked into one GEMM, and keys
+// past the last one any row of the block may see are never multiplied (causal attention: about half the products).
 
 // Query positions per block: a GEMM of (group x 64) rows; the causal diagonal block wastes half of at most 64 keys.
 constexpr int64_t kQueryBlock = 64;
