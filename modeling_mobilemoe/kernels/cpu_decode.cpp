@@ -694,6 +694,27 @@ ExpertGrads moe_experts_backward(
 
 // ---- Attention of a few queries over a KV cache ------------------------------------------------------------------
 
+// scores[l] = exp(scores[l] - top) in place over n scores, exactly 0 where a score is -inf (a key left out); returns
+// their sum. `top` is the largest score, finite.
+inline float exponentiate(float* scores, int64_t n, float top) {
+  const __m256 top_lanes = _mm256_set1_ps(top), minus_infinity = _mm256_set1_ps(-INFINITY);
+  __m256 total = _mm256_setzero_ps();
+  int64_t l = 0;
+  for (; l + 8 <= n; l += 8) {
+    const __m256 score = _mm256_loadu_ps(scores + l);
+    const __m256 kept = _mm256_cmp_ps(score, minus_infinity, _CMP_NEQ_OQ);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, top_lanes)), kept);
+    _mm256_storeu_ps(scores + l, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = horizontal_sum(total);
+  for (; l < n; ++l) {
+    scores[l] = scores[l] == -INFINITY ? 0.0f : std::exp(scores[l] - top);
+    sum += scores[l];
+  }
+  return sum;
+}
+
 // softmax(q k^T) v of one query row over L keys and values of head dimension D (a multiple of 8), positions where
 // `allowed` (strided, may be null) is false left out; `out` gets zeros if none is allowed. Four keys at a time and
 // eight value lanes-blocks at a time, so the FMAs are independent chains.
@@ -721,19 +742,7 @@ void attend_row(const float* q, const T* k, const T* v, const bool* allowed, int
   }
   std::fill(out, out + D, 0.0f);
   if (top == -INFINITY) return;
-  __m256 total = _mm256_setzero_ps();
-  for (l = 0; l + 8 <= L; l += 8) {  // exp(score - max), exactly 0 where left out
-    const __m256 score = _mm256_loadu_ps(scores + l);
-    const __m256 kept = _mm256_cmp_ps(score, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))), kept);
-    _mm256_storeu_ps(scores + l, p);
-    total = _mm256_add_ps(total, p);
-  }
-  float sum = horizontal_sum(total);
-  for (; l < L; ++l) {
-    scores[l] = scores[l] == -INFINITY ? 0.0f : std::exp(scores[l] - top);
-    sum += scores[l];
-  }
+  const float sum = exponentiate(scores, L, top);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // up to 64 dimensions (8 accumulators) per pass over the values
     const int64_t blocks = std::min<int64_t>(64, D - d0) / 8;
     __m256 acc[8];
@@ -860,20 +869,7 @@ void softmax_row(const T* scores, T* probabilities, int64_t n, RowKeys keys, flo
     std::fill(probabilities, probabilities + limit, T(0.0f));
     return;
   }
-  const __m256 top_lanes = _mm256_set1_ps(top);
-  __m256 total8 = _mm256_setzero_ps();
-  for (int64_t l = 0; l < vectorized; l += 8) {  // exp(-inf - top) is 0: positions left out add nothing
-    const __m256 score = _mm256_loadu_ps(buffer + l);
-    const __m256 kept = _mm256_cmp_ps(score, minus_infinity, _CMP_NEQ_OQ);
-    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, top_lanes)), kept);
-    _mm256_storeu_ps(buffer + l, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = horizontal_sum(total8);
-  for (int64_t l = vectorized; l < limit; ++l) {
-    buffer[l] = buffer[l] == -INFINITY ? 0.0f : std::exp(buffer[l] - top);
-    total += buffer[l];
-  }
+  const float total = exponentiate(buffer, limit, top);
   const __m256 inverse = _mm256_set1_ps(1.0f / total);
   for (int64_t l = 0; l < vectorized; l += 8) {
     store8(probabilities + l, round8<T>(_mm256_mul_ps(_mm256_loadu_ps(buffer + l), inverse)));
@@ -893,22 +889,25 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& key, con
   const at::Tensor allowed = allowed_mask.defined() ? allowed_mask.contiguous() : allowed_mask;
   const bool* allowed_data = allowed.defined() ? allowed.data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty({B, Tq, Hq, D}, q.options());
-  // The keys query t may see: without a mask [0, t] (causal) or all; with one, up to its last true.
-  auto row_keys = [&](int64_t b, int64_t t) -> RowKeys {
-    if (allowed_data == nullptr) return {causal ? std::min(t + 1, L) : L, nullptr};
-    const bool* row = allowed_data + (b * Tq + t) * L;
-    const void* last = memrchr(row, 1, L);  // bools are bytes 0 or 1
-    return {last == nullptr ? 0 : static_cast<const bool*>(last) - row + 1, row};
-  };
+  // The keys query t of batch row b may see (visible[b * Tq + t]): without a mask [0, t] (causal) or all; with one,
+  // up to its last true. The same for every head.
+  std::vector<RowKeys> visible(B * Tq);
+  for (int64_t row = 0; row < B * Tq; ++row) {
+    if (allowed_data == nullptr) {
+      visible[row] = {causal ? std::min(row % Tq + 1, L) : L, nullptr};
+      continue;
+    }
+    const bool* keys = allowed_data + row * L;
+    const void* last = memrchr(keys, 1, L);  // bools are bytes 0 or 1
+    visible[row] = {last == nullptr ? 0 : static_cast<const bool*>(last) - keys + 1, keys};
+  }
   // One block of query positions of one key/value head: the rows of its `group` query heads stacked into one GEMM
   // over the keys any of them sees.
-  auto attend_block = [&](int64_t b, int64_t h, int64_t block, std::vector<RowKeys>& visible, float* buffer) {
+  auto attend_block = [&](int64_t b, int64_t h, int64_t block, float* buffer) {
     const int64_t t0 = block * kQueryBlock, rows = std::min(kQueryBlock, Tq - t0);
+    const RowKeys* block_keys = visible.data() + b * Tq + t0;
     int64_t seen = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      visible[r] = row_keys(b, t0 + r);
-      seen = std::max(seen, visible[r].limit);
-    }
+    for (int64_t r = 0; r < rows; ++r) seen = std::max(seen, block_keys[r].limit);
     at::Tensor target = out.select(0, b).narrow(0, t0, rows).narrow(1, h * group, group);  // [rows, group, D]
     if (seen == 0) {  // every row masked out: zeros, as SDPA gives
       target.zero_();
@@ -920,7 +919,7 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& key, con
     DISPATCH_FLOAT_OR_BF16(q.scalar_type(), "mobilemoe_cpu.prefill_attention", [&] {
       for (int64_t row = 0; row < group * rows; ++row) {  // stacked row j * rows + r: head h * group + j, position t0 + r
         softmax_row(scores.data_ptr<scalar_t>() + row * seen, probabilities.data_ptr<scalar_t>() + row * seen, seen,
-                    visible[row % rows], static_cast<float>(scale), buffer);
+                    block_keys[row % rows], static_cast<float>(scale), buffer);
       }
     });
     const at::Tensor attended = at::mm(probabilities, v.select(0, b).select(0, h).narrow(0, 0, seen));
@@ -932,11 +931,10 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& key, con
   at::parallel_for(0, B * Hkv * pairs, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: see for_each_expert_split
     std::vector<float> buffer(L);
-    std::vector<RowKeys> visible(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hkv * pairs), h = task / pairs % Hkv, pair = task % pairs;
-      attend_block(b, h, pair, visible, buffer.data());
-      if (blocks - 1 - pair != pair) attend_block(b, h, blocks - 1 - pair, visible, buffer.data());
+      attend_block(b, h, pair, buffer.data());
+      if (blocks - 1 - pair != pair) attend_block(b, h, blocks - 1 - pair, buffer.data());
     }
   });
   return out;
