@@ -96,6 +96,10 @@ def ran(operator: str, profile) -> bool:
     return runs(operator, profile) > 0
 
 
+def ran_onednn_linear(profile) -> bool:
+    return any(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
+
+
 def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instruction_set):
     layer = torch.nn.Linear(64, 32)
     kernels.install(layer)
@@ -110,12 +114,14 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instru
             x = torch.randn(rows, 64)
             with torch.profiler.profile() as profile:
                 out = layer(x)
-            calls.append(ran("linear", profile))
+            calls.append((ran("linear", profile), ran_onednn_linear(profile)))
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    assert calls == [True, True, False]
-    x = torch.randn(1, 64)
-    layer(x).sum().backward()  # with autograd: F.linear, so gradients flow
-    assert layer.weight.grad is not None
+    # few rows streamed, more on oneDNN's fp32 linear
+    assert calls == [(True, False), (True, False), (False, True)]
+    x = torch.randn(kernels.MAX_LINEAR_ROWS + 1, 64)
+    with torch.profiler.profile() as profile:
+        layer(x).sum().backward()  # with autograd: F.linear, so gradients flow
+    assert layer.weight.grad is not None and not ran_onednn_linear(profile)
 
 
 def test_many_bf16_rows_run_in_float32_where_the_cpu_has_no_native_bf16_matmul():
@@ -211,6 +217,33 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_nativ
     assert not ran("moe_experts", profile) and not ran("moe_experts_forward", profile)
     out.float().sum().backward()
     assert experts.gate_up_proj.grad is not None
+
+
+@pytest.mark.parametrize("operator", ["moe_experts", "swiglu_mlp", "prefill_attention", "moe_experts_backward"])
+def test_float32_gemms_run_onednn_at_inference_and_mkl_in_training(operator):
+    # fp32 `aten::mm` is MKL's sgemm, which takes its AVX2 code on AMD CPUs: the inference operators' GEMMs run oneDNN's
+    # linear. Training stays on MKL (oneDNN's per-shape primitives grew a training step's peak RSS, see `gemm_into`).
+    hidden, top_k_index, top_k_weights = torch.randn(40, 64), torch.rand(40, 8).topk(2).indices, torch.rand(40, 2)
+    gate_up_proj, down_proj = torch.randn(8, 64, 64), torch.randn(8, 64, 32)
+    calls = {
+        "moe_experts": lambda: torch.ops.mobilemoe_cpu.moe_experts(
+            hidden, top_k_index, top_k_weights, gate_up_proj, down_proj
+        ),
+        "swiglu_mlp": lambda: torch.ops.mobilemoe_cpu.swiglu_mlp(hidden, *gate_up_proj[:2, :32], down_proj[0]),
+        "prefill_attention": lambda: torch.ops.mobilemoe_cpu.prefill_attention(
+            *(torch.randn(1, heads, 70, 16) for heads in (6, 2, 2)), None, 0.25, True
+        ),
+        "moe_experts_backward": lambda: kernels.GroupedExperts.apply(
+            hidden.requires_grad_(), top_k_index, top_k_weights, gate_up_proj.requires_grad_(), down_proj
+        ).sum().backward(),
+    }
+    with torch.profiler.profile() as profile:
+        calls[operator]()
+    names = {event.name for event in profile.events()}
+    training = operator == "moe_experts_backward"
+    assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
+    assert ("mkldnn::_linear_pointwise" in names) != training
+    assert ("aten::mm" in names) == training
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,8 +3,10 @@
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads weights at a
 third to a half of the machine's read bandwidth at one row. `cpu_decode.cpp` streams them at close to it, with AVX2 +
 FMA, AVX-512 or AVX-512 BF16 (picked at run time: `instruction_set`, `limit_instruction_set`). Past a few rows the
-matmuls are compute-bound and the operators run oneDNN's GEMMs (`at::linear`, as `nn.Linear` does), saving what is
-around them: elementwise passes, and for the routed experts a Python iteration per expert. The operators:
+matmuls are compute-bound and the operators run oneDNN's GEMMs, saving what is around them: elementwise passes, and for
+the routed experts a Python iteration per expert. In bf16 that is what `nn.Linear` runs too; in fp32 `nn.Linear` runs
+MKL's sgemm, which on AMD CPUs takes its AVX2 code, and oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5
+benchmark machine (`gemm` in cpu_decode.cpp), so the operators and `cpu_linear_forward` call it. The operators:
 
 - `linear`: a streaming gemv (fp32 everywhere; bf16 where AVX-512 BF16 multiplies bf16 pairs natively);
 - `moe_experts`: the routed experts of a layer (gate-up, SwiGLU, down, weighted sum) reading only the selected
@@ -14,8 +16,8 @@ around them: elementwise passes, and for the routed experts a Python iteration p
 - `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
   its query group;
 - `prefill_attention`: attention of many queries as eager attention computes it, oneDNN's GEMMs on blocks of query
-  positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2.3x
-  PyTorch's CPU SDPA in bf16 on CPUs without AMX, 1.16x in fp32;
+  positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2.2x
+  PyTorch's CPU SDPA in bf16 on CPUs without AMX, 1.7x in fp32;
 - `attention_input` and `layer_output`: the rest of a decoder layer around the cache update and attention (norms,
   projections, RoPE, QK-norm, FP32 routing, the feed-forward, residuals), which eagerly is ~350 operator calls a
   layer (full S decode steps measured 1.16-1.25x faster with them, fp32 and bf16), at decode and at prefill.
@@ -25,16 +27,16 @@ around them: elementwise passes, and for the routed experts a Python iteration p
 implementations so `torch.compile` keeps them as opaque nodes.
 
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
-`nn.Linear` layers run `cpu_linear_forward` (kernel rows <= `MAX_LINEAR_ROWS` without autograd; bf16 inputs of more
-rows in float32 on CPUs without native bf16 matmul; everything else `F.linear`), `MobileMoEMLP` runs
-`cpu_mlp_forward`, the default `sorted_mm` experts hand inference to the `cpu_fused` experts implementation (also
-selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs `cpu_sdpa_attention_forward`
-(inference only), and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a layer's forward as `attention_input`,
-the cache update, attention and `layer_output` (a graph being compiled runs the per-module paths instead). Training
-runs the routed experts' grouped GEMM with its own backward (`GroupedExperts`: `moe_experts_forward`,
-`moe_experts_backward`). Each falls back to the stock path for anything else (other training, hooks or wrappers such
-as PEFT's, other dtypes, and past a few rows half precision on CPUs without native half-precision matmuls). Exported
-programs (`torch.export`, ONNX) never contain these operators.
+`nn.Linear` layers run `cpu_linear_forward` (kernel rows <= `MAX_LINEAR_ROWS` without autograd; more fp32 rows without
+autograd on oneDNN's linear; bf16 inputs of more rows in float32 on CPUs without native bf16 matmul; everything else
+`F.linear`), `MobileMoEMLP` runs `cpu_mlp_forward`, the default `sorted_mm` experts hand inference to the `cpu_fused`
+experts implementation (also selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs
+`cpu_sdpa_attention_forward` (inference only), and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a layer's
+forward as `attention_input`, the cache update, attention and `layer_output` (a graph being compiled runs the
+per-module paths instead). Training runs the routed experts' grouped GEMM with its own backward (`GroupedExperts`:
+`moe_experts_forward`, `moe_experts_backward`). Each falls back to the stock path for anything else (other training,
+hooks or wrappers such as PEFT's, other dtypes, and past a few rows half precision on CPUs without native
+half-precision matmuls). Exported programs (`torch.export`, ONNX) never contain these operators.
 `MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
 PyTorch ops.
 """
@@ -86,6 +88,11 @@ MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Instruction sets of the kernels (`cpu_decode.cpp`), lowest first; a machine runs the highest it supports.
 INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16")
+
+# oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it; inference only). `F.linear` in fp32
+# is MKL's sgemm, which on AMD CPUs takes its AVX2 code: this measured 1.7-2.8x faster on the Zen 5 benchmark machine
+# (`gemm` in cpu_decode.cpp, which the operators' fp32 GEMMs run, says more).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 _state: dict[str, object] = {"loaded": False, "reason": None, "enabled": True, "linear_dtypes": (torch.float32,)}
 
@@ -248,13 +255,16 @@ def _kernel_applies(
 
 
 def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward` for CPUs: few-row inference on the streaming kernel (see the module docstring); bf16/fp16
-    inputs of more rows in float32 where the CPU has no native half-precision matmul (as `sorted_mm` does for the
-    experts: the upcast costs one pass over the weight, the half-precision GEMM falls off oneDNN's fast kernels)."""
+    """`nn.Linear.forward` for CPUs: few-row inference on the streaming kernel (see the module docstring), more fp32
+    rows on oneDNN's linear (`_ONEDNN_LINEAR`); bf16/fp16 inputs of more rows in float32 where the CPU has no native
+    half-precision matmul (as `sorted_mm` does for the experts: the upcast costs one pass over the weight, the
+    half-precision GEMM falls off oneDNN's fast kernels)."""
+    inference = _kernel_applies(input, self.weight)
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
-    streamed = _kernel_applies(input, self.weight) and input.dtype in _state["linear_dtypes"]
-    if streamed and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
+    if inference and input.dtype in _state["linear_dtypes"] and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
+    if inference and input.dtype == torch.float32 and _ONEDNN_LINEAR is not None and not torch.compiler.is_compiling():
+        return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
     upcast = _cpu_outside_export(input) and _half_matmul_is_slow(input.dtype)
     if upcast and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]:
         bias = None if self.bias is None else self.bias.float()
@@ -547,8 +557,8 @@ def cpu_sdpa_attention_forward(
     """transformers' `sdpa` attention for CPUs, at inference: few queries (decode) run the `decode_attention` kernel,
     which reads each key/value head once for its whole query group (PyTorch's CPU SDPA took ~220 us a layer for one
     bf16 query at 1k context); more queries (prefill) run `prefill_attention`, oneDNN's GEMMs around one softmax pass,
-    as eager attention computes it (`benchmarks/bench_attention.py`, a 1k-token S layer: bf16 8.5 ms against SDPA's
-    19.4, which on CPUs without AMX multiplies bf16 at its fp32 speed; fp32 13.8 against 16.0), bf16 only where the
+    as eager attention computes it (`benchmarks/bench_attention.py`, a 1k-token S layer: bf16 7.7 ms against SDPA's
+    16.6, which on CPUs without AMX multiplies bf16 at its fp32 speed; fp32 9.6 against 16.5), bf16 only where the
     CPU has native bf16 matmuls; anything else is `sdpa_attention_forward` itself."""
     bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
     supported = (

@@ -11,6 +11,7 @@
 // activations 32 at a time, as PyTorch's bf16 linear does, with fp32 accumulation. Attention runs on AVX2 + FMA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -352,18 +353,51 @@ at::Tensor run_swiglu_experts(const at::Tensor& hidden_states, const at::Tensor&
 }
 
 // ---- Many rows (prefill) --------------------------------------------------------------------------------------------
-// Beyond a few rows a linear is compute-bound: it runs oneDNN's GEMMs (at::linear, what nn.Linear runs), and the
-// operators save what is around them: the eager layer's elementwise passes and, for the routed experts, a Python
-// iteration and five operator calls per expert.
+// Beyond a few rows a linear is compute-bound: it runs oneDNN's GEMMs (`gemm`), and the operators save what is around
+// them: the eager layer's elementwise passes and, for the routed experts, a Python iteration and five operator calls
+// per expert.
 
-// Up to this many rows a projection streams its weight (`streamed_linear`), more run at::linear (MAX_LINEAR_ROWS in
+// oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it), where this build has it.
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                                   c10::optional<c10::string_view>);
+
+c10::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear_op() {
+  const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return c10::nullopt;
+  return op->typed<LinearPointwise>();
+}
+
+// x [..., K] times weight [N, K] transposed, as at::linear computes it (either may be a strided view). bf16 runs
+// at::linear, which is oneDNN's matmul. fp32 at::linear is MKL's sgemm, which on AMD CPUs takes its AVX2 code:
+// oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine at this package's shapes (one core, an
+// expert's 68 rows: 116-122 against 59-71 GFLOP/s; two cores, 1024 rows: 383-391 against 171-188). Like PyTorch's
+// bf16 matmuls, it keeps a primitive for every new shape in oneDNN's cache.
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight) {
+  static const auto onednn_linear = onednn_linear_op();
+  if (x.scalar_type() == at::kFloat && onednn_linear.has_value()) {
+    return onednn_linear->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+  }
+  return at::linear(x, weight);
+}
+
+// `gemm` of x [rows, K] written into out [rows, N], a view into a larger buffer; `mkl_float32` keeps fp32 on at::mm.
+void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
+  if (x.scalar_type() == at::kFloat && !mkl_float32) {
+    out.copy_(gemm(x, weight));
+  } else {
+    at::mm_out(out, x, weight.t());
+  }
+}
+
+// Up to this many rows a projection streams its weight (`streamed_linear`), more run `gemm` (MAX_LINEAR_ROWS in
 // kernels/__init__.py). Up to this many (token, expert) slots the routed experts stream their rows, more run as a
 // grouped GEMM (MAX_FUSED_SLOTS there).
 constexpr int64_t kMaxStreamedRows = 4;
 constexpr int64_t kMaxStreamedSlots = 16;
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight) {
-  return x.numel() <= kMaxStreamedRows * x.size(-1) ? streamed_linear(x, weight, c10::nullopt) : at::linear(x, weight);
+  return x.numel() <= kMaxStreamedRows * x.size(-1) ? streamed_linear(x, weight, c10::nullopt) : gemm(x, weight);
 }
 
 // hidden[r] = silu(gate[r]) * up[r] over rows of I values (a multiple of 8; gate and up rows `stride` apart), with
@@ -385,13 +419,13 @@ void swiglu_rows(const T* gate, const T* up, int64_t stride, T* hidden, int64_t 
 }
 
 at::Tensor gemm_swiglu_mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {
-  const at::Tensor g = at::linear(x, gate), u = at::linear(x, up);
+  const at::Tensor g = gemm(x, gate), u = gemm(x, up);
   at::Tensor hidden = at::empty_like(g);
   DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.swiglu_mlp", [&] {
     swiglu_rows(g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), g.size(1), hidden.data_ptr<scalar_t>(), g.size(0),
                 g.size(1));
   });
-  return at::linear(hidden, down);
+  return gemm(hidden, down);
 }
 
 // The (token, expert) slots of a layer sorted by expert with a stable counting sort: expert e's rows are
@@ -441,9 +475,14 @@ void for_each_expert_split(const std::vector<int64_t>& first_row, Fn fn) {
 // experts without slots are never read), every slot's output times its routing weight, summed per token in expert
 // order, rounded to the activations' dtype after every step. Returns the output [tokens, H] and, for the backward,
 // the sorted rows' gate-up [slots, 2I], SwiGLU [slots, I] and expert outputs [slots, H].
+//
+// Training keeps fp32 on MKL's sgemm (`training`, and the backward's at::mm): with oneDNN the experts' forward and
+// backward measured 1.48x faster (4 S layers, new routing every step), but a full S training step was no faster
+// beyond the machine's noise (50.7 against 51.0 tok/s) and its peak RSS grew from 12.8 to 14.4 GiB, as every step's
+// routing brings new row counts and oneDNN keeps a primitive for each GEMM shape.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts(
     const at::Tensor& hidden_states, const at::Tensor& experts, const at::Tensor& weights,
-    const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+    const at::Tensor& gate_up_proj, const at::Tensor& down_proj, bool training) {
   const at::Tensor x = hidden_states.contiguous();
   const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k, I = down_proj.size(2);
   const SortedSlots sorted = sort_slots(experts, gate_up_proj.size(0));
@@ -453,10 +492,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts(
   DISPATCH_FLOAT_OR_BF16(x.scalar_type(), "mobilemoe_cpu.moe_experts", [&] {
     for_each_expert_split(sorted.first_row, [&](int64_t e, int64_t row, int64_t count) {
       at::Tensor expert_gate_up = gate_up.narrow(0, row, count), expert_out = out.narrow(0, row, count);
-      at::mm_out(expert_gate_up, rows.narrow(0, row, count), gate_up_proj[e].t());
+      gemm_into(expert_gate_up, rows.narrow(0, row, count), gate_up_proj[e], training);
       const scalar_t* gate = expert_gate_up.data_ptr<scalar_t>();
       swiglu_rows(gate, gate + I, 2 * I, hidden.data_ptr<scalar_t>() + row * I, count, I);
-      at::mm_out(expert_out, hidden.narrow(0, row, count), down_proj[e].t());
+      gemm_into(expert_out, hidden.narrow(0, row, count), down_proj[e], training);
     });
     const int64_t* expert_of_slot = experts.data_ptr<int64_t>();
     const scalar_t* expert_rows = out.data_ptr<scalar_t>();
@@ -658,7 +697,7 @@ at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& top_k_
       checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, "moe_experts");
   if (experts.numel() <= kMaxStreamedSlots) return streamed_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
   check_same_dtype(hidden_states, gate_up_proj, "moe_experts", "hidden_states and the experts");
-  return std::get<0>(grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj));
+  return std::get<0>(grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj, /*training=*/false));
 }
 
 // For training: the routed experts as a grouped GEMM at any number of slots, with what the backward takes.
@@ -668,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward(
   const auto [experts, weights] =
       checked_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, "moe_experts_forward");
   check_same_dtype(hidden_states, gate_up_proj, "moe_experts_forward", "hidden_states and the experts");
-  return grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj);
+  return grouped_experts(hidden_states, experts, weights, gate_up_proj, down_proj, /*training=*/true);
 }
 
 using ExpertGrads = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
@@ -914,7 +953,7 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& key, con
       return;
     }
     const at::Tensor stacked = q.select(0, b).narrow(0, h * group, group).narrow(1, t0, rows).reshape({group * rows, D});
-    const at::Tensor scores = at::mm(stacked, k.select(0, b).select(0, h).narrow(0, 0, seen).t());
+    const at::Tensor scores = gemm(stacked, k.select(0, b).select(0, h).narrow(0, 0, seen));
     at::Tensor probabilities = at::empty_like(scores);
     DISPATCH_FLOAT_OR_BF16(q.scalar_type(), "mobilemoe_cpu.prefill_attention", [&] {
       for (int64_t row = 0; row < group * rows; ++row) {  // stacked row j * rows + r: head h * group + j, position t0 + r
@@ -922,7 +961,7 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& key, con
                     block_keys[row % rows], static_cast<float>(scale), buffer);
       }
     });
-    const at::Tensor attended = at::mm(probabilities, v.select(0, b).select(0, h).narrow(0, 0, seen));
+    const at::Tensor attended = gemm(probabilities, v.select(0, b).select(0, h).narrow(0, 0, seen).t());
     target.copy_(attended.view({group, rows, D}).transpose(0, 1));
   };
   // Tasks: (batch, key/value head, blocks i and blocks - 1 - i), so causal tasks cost about the same and the cores'
