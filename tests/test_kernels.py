@@ -1,6 +1,7 @@
 """CPU decode kernels (`modeling_mobilemoe.kernels`): the streaming linear and the fused routed experts against stock
 PyTorch and the eager experts, in the model, under `torch.compile`, and kept out of exported programs."""
 
+import contextlib
 import copy
 
 import pytest
@@ -96,6 +97,17 @@ def ran(operator: str, profile) -> bool:
     return runs(operator, profile) > 0
 
 
+@contextlib.contextmanager
+def onednn_off():
+    """PyTorch's switch for oneDNN off (`torch.backends.mkldnn.flags` also sets TF32, which warns on CPU builds)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 def ran_onednn_linear(profile) -> bool:
     return any(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
 
@@ -116,8 +128,8 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instru
                 out = layer(x)
             calls.append((ran("linear", profile), ran_onednn_linear(profile)))
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    # few rows streamed, more on oneDNN's fp32 linear
-    assert calls == [(True, False), (True, False), (False, True)]
+    # few rows streamed, more on oneDNN's fp32 linear (where this build of torch has it)
+    assert calls == [(True, False), (True, False), (False, kernels._ONEDNN_LINEAR is not None)]
     x = torch.randn(kernels.MAX_LINEAR_ROWS + 1, 64)
     with torch.profiler.profile() as profile:
         layer(x).sum().backward()  # with autograd: F.linear, so gradients flow
@@ -219,10 +231,33 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_nativ
     assert experts.gate_up_proj.grad is not None
 
 
+def test_float32_linear_keeps_stock_semantics_off_the_plain_inference_path():
+    layer = torch.nn.Linear(64, 32)
+    kernels.install(layer)
+    x = torch.randn(kernels.MAX_LINEAR_ROWS + 1, 64)
+    # A frozen weight with a trainable bias (bias-only fine-tuning): the bias still gets its gradient.
+    layer.weight.requires_grad_(False)
+    with torch.profiler.profile() as profile:
+        layer(x).sum().backward()
+    assert not ran_onednn_linear(profile)
+    torch.testing.assert_close(layer.bias.grad, torch.full((32,), float(x.shape[0])))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as profile:
+            out = layer(x)  # autocast's dtype, as F.linear gives under autocast
+        assert out.dtype == torch.bfloat16 and not ran("linear", profile) and not ran_onednn_linear(profile)
+        with onednn_off(), torch.profiler.profile() as profile:
+            out = layer(x)  # oneDNN turned off in PyTorch: MKL
+        assert not ran_onednn_linear(profile)
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this build of torch has no oneDNN linear")
 @pytest.mark.parametrize("operator", ["moe_experts", "swiglu_mlp", "prefill_attention", "moe_experts_backward"])
+@pytest.mark.usefixtures("two_threads")  # the profiler sees the calling thread, which takes half of the experts
 def test_float32_gemms_run_onednn_at_inference_and_mkl_in_training(operator):
     # fp32 `aten::mm` is MKL's sgemm, which takes its AVX2 code on AMD CPUs: the inference operators' GEMMs run oneDNN's
-    # linear. Training stays on MKL (oneDNN's per-shape primitives grew a training step's peak RSS, see `gemm_into`).
+    # linear. Training stays on MKL (oneDNN's per-shape primitives grew a training step's peak RSS, see the comment on
+    # `grouped_experts`).
     hidden, top_k_index, top_k_weights = torch.randn(40, 64), torch.rand(40, 8).topk(2).indices, torch.rand(40, 2)
     gate_up_proj, down_proj = torch.randn(8, 64, 64), torch.randn(8, 64, 32)
     calls = {
@@ -244,6 +279,10 @@ def test_float32_gemms_run_onednn_at_inference_and_mkl_in_training(operator):
     assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
     assert ("mkldnn::_linear_pointwise" in names) != training
     assert ("aten::mm" in names) == training
+    if operator == "prefill_attention":  # PyTorch's switch for oneDNN turns it off here too
+        with onednn_off(), torch.profiler.profile() as profile:
+            calls[operator]()
+        assert not ran_onednn_linear(profile)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -519,6 +558,8 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
             stock = model(input_ids, attention_mask=attention_mask, use_cache=True)
             model.set_attn_implementation("sdpa")
     assert runs("attention_input", profile) == runs("layer_output", profile) == runs("prefill_attention", profile) == 4
+    if dtype == torch.float32:  # the MoE layers' FP32 routers on at::linear, as the router module's F.linear: ties agree
+        assert sum(event.name == "aten::linear" for event in profile.events()) == 2
     with torch.inference_mode():  # the grouped GEMM's and the attention's worker threads run under it too
         inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
     torch.testing.assert_close(inference.logits, out.logits, atol=0, rtol=0)
@@ -699,11 +740,12 @@ def test_bf16_prefill_compiles_fullgraph_with_the_attention_kernel_as_an_opaque_
     torch.testing.assert_close(actual, expected, atol=3e-2, rtol=3e-2)  # inductor fuses the norms, as above
 
 
-def test_exported_programs_use_stock_ops_only():
+@pytest.mark.parametrize("length", [1, kernels.MAX_LINEAR_ROWS + 2])  # decode-sized, and past the streamed rows
+def test_exported_programs_use_stock_ops_only(length):
     model = make_model()
-    input_ids = tokens(batch=1, length=1)
+    input_ids = tokens(batch=1, length=length)
     with torch.no_grad():
         program = torch.export.export(model, (input_ids,), kwargs={"use_cache": False})
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert not any("mobilemoe_cpu" in target for target in targets)
+    assert not any("mobilemoe_cpu" in target or "mkldnn" in target for target in targets)
     assert any("linear" in target or "mm" in target for target in targets)

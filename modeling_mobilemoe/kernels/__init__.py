@@ -241,7 +241,8 @@ def _kernel_applies(
     """The kernels are for CPU tensors of one supported dtype and never go into exported programs; they are
     inference-only unless the caller is `differentiable` (runs them inside an `autograd.Function`). `weights` must be
     contiguous unless the operator takes them `strided` (copying them itself, as the attention operators do)."""
-    if not _cpu_outside_export(input):
+    # Under autocast the stock ops run in the autocast dtype; the kernels would compute in the inputs' own.
+    if not _cpu_outside_export(input) or torch.is_autocast_enabled("cpu"):
         return False
     needs_grad = input.requires_grad or any(weight.requires_grad for weight in weights)
     if torch.is_grad_enabled() and needs_grad and not differentiable:
@@ -254,16 +255,23 @@ def _kernel_applies(
     return dtype_ok and layout_ok and (_state["loaded"] if torch.compiler.is_compiling() else available())
 
 
+def _onednn_linear_applies() -> bool:
+    """oneDNN's fp32 linear is there and on (`torch.backends.mkldnn.enabled`), and no graph is being compiled (it is an
+    eager-only choice: compiled graphs take inductor's own GEMMs)."""
+    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+
+
 def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` for CPUs: few-row inference on the streaming kernel (see the module docstring), more fp32
     rows on oneDNN's linear (`_ONEDNN_LINEAR`); bf16/fp16 inputs of more rows in float32 where the CPU has no native
     half-precision matmul (as `sorted_mm` does for the experts: the upcast costs one pass over the weight, the
     half-precision GEMM falls off oneDNN's fast kernels)."""
-    inference = _kernel_applies(input, self.weight)
+    bias_needs_grad = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
+    inference = _kernel_applies(input, self.weight) and not bias_needs_grad
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
     if inference and input.dtype in _state["linear_dtypes"] and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
-    if inference and input.dtype == torch.float32 and _ONEDNN_LINEAR is not None and not torch.compiler.is_compiling():
+    if inference and input.dtype == torch.float32 and _onednn_linear_applies():
         return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
     upcast = _cpu_outside_export(input) and _half_matmul_is_slow(input.dtype)
     if upcast and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]:

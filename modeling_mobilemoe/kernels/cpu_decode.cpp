@@ -372,10 +372,11 @@ c10::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear_op() {
 // at::linear, which is oneDNN's matmul. fp32 at::linear is MKL's sgemm, which on AMD CPUs takes its AVX2 code:
 // oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine at this package's shapes (one core, an
 // expert's 68 rows: 116-122 against 59-71 GFLOP/s; two cores, 1024 rows: 383-391 against 171-188). Like PyTorch's
-// bf16 matmuls, it keeps a primitive for every new shape in oneDNN's cache.
+// bf16 matmuls, it keeps a primitive for every new shape in oneDNN's cache, and is off where PyTorch's oneDNN is
+// (`torch.backends.mkldnn.enabled`).
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight) {
   static const auto onednn_linear = onednn_linear_op();
-  if (x.scalar_type() == at::kFloat && onednn_linear.has_value()) {
+  if (x.scalar_type() == at::kFloat && onednn_linear.has_value() && at::globalContext().userEnabledMkldnn()) {
     return onednn_linear->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
   }
   return at::linear(x, weight);
@@ -1109,7 +1110,12 @@ at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual,
                 "mobilemoe_cpu.layer_output: a router needs expert_bias, gate_up_proj and down_proj");
     TORCH_CHECK(router->scalar_type() == at::kFloat && expert_bias->scalar_type() == at::kFloat,
                 "mobilemoe_cpu.layer_output: the router and expert_bias must be float32 (routing is FP32)");
-    const at::Tensor scores = project(normed.to(at::kFloat), *router).sigmoid();
+    // Past a few rows the router's GEMM is at::linear, as `MobileMoETopkRouter`'s F.linear: the same scores on every
+    // path, so near ties pick the same experts.
+    const at::Tensor routed = normed.to(at::kFloat);
+    const bool streamed = routed.numel() <= kMaxStreamedRows * routed.size(-1);
+    const at::Tensor scores =
+        (streamed ? streamed_linear(routed, *router, c10::nullopt) : at::linear(routed, *router)).sigmoid();
     const at::Tensor top_k_index = std::get<1>(at::topk(scores + *expert_bias, top_k, -1));
     at::Tensor top_k_weights = scores.gather(-1, top_k_index);
     if (norm_topk_prob) top_k_weights = top_k_weights / (top_k_weights.sum(-1, true) + 1e-20);
