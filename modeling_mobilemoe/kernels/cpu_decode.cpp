@@ -373,16 +373,17 @@ c10::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear_op() {
 // oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine at this package's shapes (one core, an
 // expert's 68 rows: 116-122 against 59-71 GFLOP/s; two cores, 1024 rows: 383-391 against 171-188). Like PyTorch's
 // bf16 matmuls, it keeps a primitive for every new shape in oneDNN's cache, and is off where PyTorch's oneDNN is
-// (`torch.backends.mkldnn.enabled`).
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight) {
+// (`torch.backends.mkldnn.enabled`). `mkl_float32` keeps fp32 on at::linear.
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
   static const auto onednn_linear = onednn_linear_op();
-  if (x.scalar_type() == at::kFloat && onednn_linear.has_value() && at::globalContext().userEnabledMkldnn()) {
+  const bool onednn = onednn_linear.has_value() && at::globalContext().userEnabledMkldnn();
+  if (x.scalar_type() == at::kFloat && onednn && !mkl_float32) {
     return onednn_linear->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
   }
   return at::linear(x, weight);
 }
 
-// `gemm` of x [rows, K] written into out [rows, N], a view into a larger buffer; `mkl_float32` keeps fp32 on at::mm.
+// `gemm` of x [rows, K] written into out [rows, N], a view into a larger buffer.
 void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
   if (x.scalar_type() == at::kFloat && !mkl_float32) {
     out.copy_(gemm(x, weight));
@@ -397,8 +398,9 @@ void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bo
 constexpr int64_t kMaxStreamedRows = 4;
 constexpr int64_t kMaxStreamedSlots = 16;
 
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight) {
-  return x.numel() <= kMaxStreamedRows * x.size(-1) ? streamed_linear(x, weight, c10::nullopt) : gemm(x, weight);
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
+  if (x.numel() <= kMaxStreamedRows * x.size(-1)) return streamed_linear(x, weight, c10::nullopt);
+  return gemm(x, weight, mkl_float32);
 }
 
 // hidden[r] = silu(gate[r]) * up[r] over rows of I values (a multiple of 8; gate and up rows `stride` apart), with
@@ -1112,10 +1114,7 @@ at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual,
                 "mobilemoe_cpu.layer_output: the router and expert_bias must be float32 (routing is FP32)");
     // Past a few rows the router's GEMM is at::linear, as `MobileMoETopkRouter`'s F.linear: the same scores on every
     // path, so near ties pick the same experts.
-    const at::Tensor routed = normed.to(at::kFloat);
-    const bool streamed = routed.numel() <= kMaxStreamedRows * routed.size(-1);
-    const at::Tensor scores =
-        (streamed ? streamed_linear(routed, *router, c10::nullopt) : at::linear(routed, *router)).sigmoid();
+    const at::Tensor scores = project(normed.to(at::kFloat), *router, /*mkl_float32=*/true).sigmoid();
     const at::Tensor top_k_index = std::get<1>(at::topk(scores + *expert_bias, top_k, -1));
     at::Tensor top_k_weights = scores.gather(-1, top_k_index);
     if (norm_topk_prob) top_k_weights = top_k_weights / (top_k_weights.sum(-1, true) + 1e-20);
