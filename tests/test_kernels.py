@@ -3,6 +3,7 @@ PyTorch and the eager experts, in the model, under `torch.compile`, and kept out
 
 import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -48,6 +49,13 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_prefill_attention(monkeypatch):
+    """`prefill_attention` for bf16 prefill on every CPU: where PyTorch's SDPA runs bf16 on AMX tiles it is faster and
+    runs instead, and the kernel must still be tested there."""
+    monkeypatch.setattr(kernels, "_sdpa_packs", lambda dtype: False)
 
 
 @pytest.fixture
@@ -498,11 +506,23 @@ def test_attention_runs_the_kernels_at_inference_only(monkeypatch):
             model(input_ids[:, :queries]).logits.sum().backward()
         assert not ran("decode_attention", profile) and not ran("prefill_attention", profile)
     model.to(torch.bfloat16)
-    for slow in (False, True):  # bf16 prefill: the kernel only where the CPU multiplies bf16 natively
+    # bf16 prefill: the kernel only where the CPU multiplies bf16 natively and PyTorch's SDPA does not on AMX tiles.
+    for slow, sdpa_packs in itertools.product((False, True), repeat=2):
         monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: slow)
+        monkeypatch.setattr(kernels, "_sdpa_packs", lambda dtype: sdpa_packs)
         with torch.no_grad(), torch.profiler.profile() as profile:
             model(input_ids)
-        assert ran("prefill_attention", profile) is not slow
+        assert ran("prefill_attention", profile) is not (slow or sdpa_packs)
+        sdpa = any(event.name == "aten::scaled_dot_product_attention" for event in profile.events())
+        assert sdpa is (slow or sdpa_packs)
+
+
+def test_sdpa_packs_what_pytorch_multiplies_on_amx_tiles():
+    # PyTorch packs bf16 for AMX only; where it does, the CPU reports AMX (Linux lists it in /proc/cpuinfo).
+    assert not kernels._sdpa_packs(torch.float32)
+    if kernels._sdpa_packs(torch.bfloat16):
+        with open("/proc/cpuinfo") as cpuinfo:
+            assert " amx_bf16" in cpuinfo.read()
 
 
 def decode_step(model, input_ids, **kwargs):
@@ -539,7 +559,7 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.usefixtures("native_bf16_matmul", "two_threads")
+@pytest.mark.usefixtures("native_bf16_matmul", "kernel_prefill_attention", "two_threads")
 def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
     # the experts (2 x 12 tokens, 48 slots), `prefill_attention` with the padding mask (it computes what eager
@@ -727,7 +747,7 @@ def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops(dtype):
     torch.testing.assert_close(actual, stock, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.usefixtures("native_bf16_matmul")
+@pytest.mark.usefixtures("native_bf16_matmul", "kernel_prefill_attention")
 def test_bf16_prefill_compiles_fullgraph_with_the_attention_kernel_as_an_opaque_op():
     model = make_model().to(torch.bfloat16)
     input_ids = tokens(batch=1, length=9)

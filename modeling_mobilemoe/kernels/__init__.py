@@ -17,7 +17,7 @@ benchmark machine (`gemm` in cpu_decode.cpp), so the operators and `cpu_linear_f
   its query group;
 - `prefill_attention`: attention of many queries as eager attention computes it, oneDNN's GEMMs on blocks of query
   positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2.2x
-  PyTorch's CPU SDPA in bf16 on CPUs without AMX, 1.7x in fp32;
+  PyTorch's CPU SDPA in bf16 on CPUs without AMX (with AMX SDPA is faster, and runs), 1.7x in fp32;
 - `attention_input` and `layer_output`: the rest of a decoder layer around the cache update and attention (norms,
   projections, RoPE, QK-norm, FP32 routing, the feed-forward, residuals), which eagerly is ~350 operator calls a
   layer (full S decode steps measured 1.16-1.25x faster with them, fp32 and bf16), at decode and at prefill.
@@ -94,7 +94,13 @@ INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16")
 # (`gemm` in cpu_decode.cpp, which the operators' fp32 GEMMs run, says more).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
-_state: dict[str, object] = {"loaded": False, "reason": None, "enabled": True, "linear_dtypes": (torch.float32,)}
+_state: dict[str, object] = {
+    "loaded": False,
+    "reason": None,
+    "enabled": True,
+    "linear_dtypes": (torch.float32,),
+    "sdpa_packed_dtypes": (),
+}
 
 
 def set_enabled(on: bool) -> None:
@@ -143,6 +149,7 @@ def available() -> bool:
         logger.warning("MobileMoE CPU decode kernels unavailable (%s); using PyTorch's ops.", _state["reason"])
         return False
     _register_fakes()
+    _state["sdpa_packed_dtypes"] = tuple(dtype for dtype in _KERNEL_DTYPES if torch.ops.mobilemoe_cpu.sdpa_packs(dtype))
     _state["loaded"] = True
     set_instruction_set("native")
     return True
@@ -287,6 +294,13 @@ def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int, streamed_dtyp
     if rows <= streamed_limit:
         return input.dtype in streamed_dtypes
     return not _half_matmul_is_slow(input.dtype)
+
+
+def _sdpa_packs(dtype: torch.dtype) -> bool:
+    """PyTorch's CPU SDPA multiplies `dtype` on packed operands here (AMX tiles; `cpublas::could_pack`, which it asks
+    itself), and then beats `prefill_attention`: bf16 at a 1k-token S layer 4.6 against 8.7 ms on a 2-core Xeon with
+    AMX, a left-padded batch 14.0 against 17.7 (`benchmarks/bench_attention.py`)."""
+    return dtype in _state["sdpa_packed_dtypes"]
 
 
 def _global_module_hooks() -> bool:
@@ -567,7 +581,8 @@ def cpu_sdpa_attention_forward(
     bf16 query at 1k context); more queries (prefill) run `prefill_attention`, oneDNN's GEMMs around one softmax pass,
     as eager attention computes it (`benchmarks/bench_attention.py`, a 1k-token S layer: bf16 7.7 ms against SDPA's
     16.6, which on CPUs without AMX multiplies bf16 at its fp32 speed; fp32 9.6 against 16.5), bf16 only where the
-    CPU has native bf16 matmuls; anything else is `sdpa_attention_forward` itself."""
+    CPU has native bf16 matmuls and SDPA has no AMX (`_sdpa_packs`); anything else is `sdpa_attention_forward`
+    itself."""
     bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
     supported = (
         (attention_mask is None or bool_mask)
@@ -584,7 +599,7 @@ def cpu_sdpa_attention_forward(
     # Without a mask, one decoded query attends to every key (no causal mask), and more attend causally.
     if supported and queries <= MAX_LINEAR_ROWS and (queries == 1 or attention_mask is not None):
         return torch.ops.mobilemoe_cpu.decode_attention(query, key, value, attention_mask, scale), None
-    if supported and queries > MAX_LINEAR_ROWS and not _half_matmul_is_slow(query.dtype):
+    if supported and queries > MAX_LINEAR_ROWS and not (_half_matmul_is_slow(query.dtype) or _sdpa_packs(query.dtype)):
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         return torch.ops.mobilemoe_cpu.prefill_attention(query, key, value, attention_mask, scale, causal), None
     return sdpa_attention_forward(

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -864,11 +865,16 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 // ---- Attention of many queries (prefill) ---------------------------------------------------------------------------
 // PyTorch's CPU SDPA (flash attention) runs bf16 GEMMs through a path that, on CPUs without AMX, computes at its fp32
 // speed: a 1k-token S layer's attention takes 19 ms in bf16 (benchmarks/bench_attention.py), where oneDNN's bf16 GEMMs
-// on the same products took about 3 (fp32: 16 ms, 14 here). This runs the attention as transformers' eager attention
+// on the same products took about 3 (fp32: 16 ms, 14 here). Where it packs a dtype's GEMMs for AMX tiles
+// (`sdpa_packs`) SDPA is the faster one: 4.6 against 8.7 ms in bf16 on a 2-core Xeon with AMX, padded 14.0 against
+// 17.7, so the Python side sends that dtype to SDPA. This runs the attention as transformers' eager attention
 // computes it in the activations' dtype T: scores = q k^T (oneDNN GEMM, rounded to T), times the scale (rounded),
 // masked, softmax in fp32, probabilities rounded to T, then probabilities @ v (oneDNN GEMM). Per key/value head and
 // block of query positions, the block's rows of every query head of the group are stacked into one GEMM, and keys
 // past the last one any row of the block may see are never multiplied (causal attention: about half the products).
+
+// Whether PyTorch's CPU flash attention multiplies `dtype` on packed operands (AMX tiles): it asks the same question.
+bool sdpa_packs(c10::ScalarType dtype) { return at::native::cpublas::could_pack(dtype); }
 
 // Query positions per block: a GEMM of (group x 64) rows; the causal diagonal block wastes half of at most 64 keys.
 constexpr int64_t kQueryBlock = 64;
@@ -1144,6 +1150,7 @@ TORCH_LIBRARY(mobilemoe_cpu, m) {
         "Tensor up, Tensor down, Tensor? router, Tensor? expert_bias, Tensor? gate_up_proj, Tensor? down_proj, "
         "int top_k, bool norm_topk_prob, float routed_scaling_factor) -> Tensor");
   m.def("instruction_set(str? limit=None) -> str", &instruction_set);
+  m.def("sdpa_packs(ScalarType dtype) -> bool", &sdpa_packs);
 }
 
 TORCH_LIBRARY_IMPL(mobilemoe_cpu, CPU, m) {
