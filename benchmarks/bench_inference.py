@@ -226,6 +226,8 @@ def ratios(results: dict[str, dict], phase: str) -> dict[str, float]:
         out["vs_pytorch_ops"] = ours / speed("mobilemoe-pytorch-ops")
     if speed("mobilemoe-avx2-kernels"):
         out["vs_avx2_kernels"] = ours / speed("mobilemoe-avx2-kernels")
+    if speed("mobilemoe-no-amx"):
+        out["vs_no_amx"] = ours / speed("mobilemoe-no-amx")
     if speed("dense-pro"):
         out["vs_dense_pro"] = ours / speed("dense-pro")
     qwen = [speed(mode) for mode in results if mode.startswith("qwen2moe") and speed(mode)]

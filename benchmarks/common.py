@@ -2,7 +2,8 @@
 
 Models are built from configs with random weights (nothing is downloaded):
 - `mobilemoe`: this package's MobileMoE at a preset's shape, with its CPU decode kernels on the CPU's best instruction
-  set (`mobilemoe-avx2-kernels`: capped at AVX2; `mobilemoe-pytorch-ops`: without them, stock PyTorch ops only);
+  set (`mobilemoe-avx2-kernels`: capped at AVX2; `mobilemoe-no-amx`: capped below AMX tiles, at AVX-512 BF16;
+  `mobilemoe-pytorch-ops`: without them, stock PyTorch ops only);
 - `qwen2moe`: transformers' `Qwen2MoeForCausalLM` at the same shape (60 experts, top-4, shared expert 4x wider);
 - `dense-pro`: a dense `LlamaForCausalLM` shaped like MobileLLM-Pro (1.08B: 30 layers, hidden 1280, 20/4 heads,
   FFN 6144, vocab 202048, tied), the paper's on-device baseline.
@@ -120,6 +121,7 @@ FAMILIES: dict[str, Callable] = {"mobilemoe": build_mobilemoe, "qwen2moe": build
 MODES: dict[str, tuple[str, str | None, bool | str]] = {
     "mobilemoe": ("mobilemoe", None, True),
     "mobilemoe-avx2-kernels": ("mobilemoe", None, "avx2"),
+    "mobilemoe-no-amx": ("mobilemoe", None, "avx512_bf16"),
     "mobilemoe-pytorch-ops": ("mobilemoe", None, False),
     "mobilemoe-eager": ("mobilemoe", "eager", True),
     "mobilemoe-grouped_mm": ("mobilemoe", "grouped_mm", True),
@@ -274,16 +276,20 @@ def memory_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict[str, float
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
+            first_cpu = cpuinfo.read().split("\n\n")[0]
+        lines = (line.partition(":") for line in first_cpu.splitlines())
+        fields = {key.strip(): value.strip() for key, _, value in lines}
+        cpu, flags = fields["model name"], fields["flags"].split()
+    except (OSError, KeyError):
         pass
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_matmul": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "amx_bf16": "amx_bf16" in flags,  # PyTorch's SDPA runs bf16 on AMX tiles; the package hands it bf16 prefill
         "threads": threads,
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -128,7 +128,7 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instru
         with torch.profiler.profile() as profile:
             layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))
         # bf16 on the kernel only where it multiplies bf16 pairs natively (PyTorch's gemv measured faster otherwise)
-        assert ran("linear", profile) == (instruction_set == "avx512_bf16")
+        assert ran("linear", profile) == (instruction_set in ("avx512_bf16", "amx_bf16"))
         layer.float()
         for rows in (1, kernels.MAX_LINEAR_ROWS, kernels.MAX_LINEAR_ROWS + 1):
             x = torch.randn(rows, 64)
@@ -204,6 +204,38 @@ def test_fused_experts_match_eager(instruction_set, dtype, num_tokens):
     fused, eager = run_experts(experts, ("cpu_fused", "eager"), hidden, top_k_index, top_k_weights)
     assert fused.dtype == dtype
     torch.testing.assert_close(fused.float(), eager.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(kernels.instruction_set() != "amx_bf16", reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.usefixtures("two_threads")
+def test_bf16_grouped_experts_on_amx_tiles_match_the_gemm_path_and_a_float64_reference():
+    # H 96, I 64: tile blocks of 32 m with a 16-m tail. Expert 0 gets every token (310 rows: two passes of 256 rows
+    # and 54), experts 1 and 2 half of them each, expert 3 five (under one 8-row block), experts 4 and 5 none.
+    torch.manual_seed(0)
+    experts, hidden_size, width, tokens = 6, 96, 64, 310
+    gate_up_proj = (torch.randn(experts, 2 * width, hidden_size) * hidden_size**-0.5).bfloat16()
+    down_proj = (torch.randn(experts, hidden_size, width) * width**-0.5).bfloat16()
+    hidden = torch.randn(tokens, hidden_size).bfloat16()
+    top_k_index = torch.stack([torch.zeros(tokens, dtype=torch.long), 1 + torch.arange(tokens) % 2], dim=1)
+    top_k_index[:5, 1] = 3
+    top_k_weights = torch.rand(tokens, 2)
+    args = (hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    outputs, profiles = {}, {}
+    for isa in ("amx_bf16", "avx512_bf16"):
+        with kernels.limit_instruction_set(isa), torch.profiler.profile() as profiles[isa]:
+            outputs[isa] = torch.ops.mobilemoe_cpu.moe_experts(*args)
+    gemms = {isa: sum(event.name == "aten::mm" for event in profile.events()) for isa, profile in profiles.items()}
+    assert gemms["amx_bf16"] == 0 and gemms["avx512_bf16"] > 0  # the tiles read the weights in place
+    # The same roundings as the GEMM path: they differ only in the order of fp32 sums (a last-bit rounding apart).
+    torch.testing.assert_close(outputs["amx_bf16"].float(), outputs["avx512_bf16"].float(), atol=1e-2, rtol=1e-2)
+    expected = torch.zeros(tokens, hidden_size, dtype=torch.float64)
+    for slot in range(2):
+        for expert in range(experts):
+            rows = top_k_index[:, slot] == expert
+            gate, up = (hidden[rows].double() @ gate_up_proj[expert].double().T).chunk(2, dim=-1)
+            expert_out = (F.silu(gate) * up) @ down_proj[expert].double().T
+            expected[rows] += top_k_weights[rows, slot, None].double() * expert_out
+    torch.testing.assert_close(outputs["amx_bf16"].double(), expected, atol=5e-2, rtol=5e-2)
 
 
 def test_fused_experts_reject_out_of_range_experts_and_mismatched_routing():
@@ -739,7 +771,7 @@ def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops(dtype):
             actual = compiled(input_ids).logits
     names = {event.name for event in profile.events()}
     operators = ["moe_experts", "decode_attention"]
-    if dtype == torch.float32 or kernels.instruction_set() == "avx512_bf16":  # bf16 linears: see cpu_linear_forward
+    if dtype == torch.float32 or torch.bfloat16 in kernels._state["linear_dtypes"]:  # see cpu_linear_forward
         operators += ["linear", "swiglu_mlp"]
     assert {f"mobilemoe_cpu::{operator}" for operator in operators} <= names
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # inductor fuses the norms: bf16 rounds elsewhere

@@ -87,7 +87,7 @@ MAX_LINEAR_ROWS = 4
 MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Instruction sets of the kernels (`cpu_decode.cpp`), lowest first; a machine runs the highest it supports.
-INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16")
+INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16", "amx_bf16")
 
 # oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it; inference only). `F.linear` in fp32
 # is MKL's sgemm, which on AMD CPUs takes its AVX2 code: this measured 1.7-2.8x faster on the Zen 5 benchmark machine
@@ -171,7 +171,8 @@ def set_instruction_set(limit: str) -> str:
     # The linear kernel takes bf16 only where it multiplies bf16 pairs natively (AVX-512 BF16: 3x PyTorch's bf16
     # gemv on the LM head); widened in AVX2 registers it measured 0.91x PyTorch's on an AVX2-only CPU
     # (`benchmarks/results/inference_S_avx2.json`). The fused experts gain on every instruction set.
-    _state["linear_dtypes"] = (torch.float32, torch.bfloat16) if active == "avx512_bf16" else (torch.float32,)
+    native_bf16 = INSTRUCTION_SETS.index(active) >= INSTRUCTION_SETS.index("avx512_bf16")
+    _state["linear_dtypes"] = (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
     return active
 
 
