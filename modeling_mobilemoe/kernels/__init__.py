@@ -2,16 +2,18 @@
 
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads weights at a
 third to a half of the machine's read bandwidth at one row. `cpu_decode.cpp` streams them at close to it, with AVX2 +
-FMA, AVX-512 or AVX-512 BF16 (picked at run time: `instruction_set`, `limit_instruction_set`). Past a few rows the
-matmuls are compute-bound and the operators run oneDNN's GEMMs, saving what is around them: elementwise passes, and for
-the routed experts a Python iteration per expert. In bf16 that is what `nn.Linear` runs too; in fp32 `nn.Linear` runs
-MKL's sgemm, which on AMD CPUs takes its AVX2 code, and oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5
-benchmark machine (`gemm` in cpu_decode.cpp), so the operators and `cpu_linear_forward` call it. The operators:
+FMA, AVX-512 or AVX-512 BF16, and AMX-BF16 tiles for the experts' bf16 GEMMs (picked at run time: `instruction_set`,
+`limit_instruction_set`). Past a few rows the matmuls are compute-bound and the operators run oneDNN's GEMMs, saving
+what is around them: elementwise passes, and for the routed experts a Python iteration per expert. In bf16 that is
+what `nn.Linear` runs too; in fp32 `nn.Linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code, and oneDNN's
+fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine (`gemm` in cpu_decode.cpp), so the operators and
+`cpu_linear_forward` call it. The operators:
 
 - `linear`: a streaming gemv (fp32 everywhere; bf16 where AVX-512 BF16 multiplies bf16 pairs natively);
 - `moe_experts`: the routed experts of a layer (gate-up, SwiGLU, down, weighted sum) reading only the selected
   experts' weights, fp32 or bf16: streamed for a few (token, expert) slots, a grouped GEMM for more (experts split
-  between the cores, each expert's GEMMs on one core: 1.3x running them one after another on both);
+  between the cores, each expert's GEMMs on one core: 1.3x running them one after another on both; bf16 inference on
+  CPUs with AMX tiles multiplies on them directly, reading the weights in place where oneDNN repacks them per call);
 - `swiglu_mlp`: the shared expert (gate, up, SwiGLU, down) in one call;
 - `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
   its query group;
