@@ -8,7 +8,8 @@
 // half of the measured read bandwidth. These kernels read each weight row once, accumulating in fp32, with one of three
 // instruction sets picked at run time (`instruction_set`): AVX2 + FMA (8 lanes, bf16 weights widened to fp32 in
 // registers), AVX-512 (16 fp32 lanes) and AVX-512 BF16, whose `vdpbf16ps` multiplies bf16 weights by bf16
-// activations 32 at a time, as PyTorch's bf16 linear does, with fp32 accumulation. Attention runs on AVX2 + FMA.
+// activations 32 at a time, as PyTorch's bf16 linear does, with fp32 accumulation. A fourth level, AMX-BF16, adds
+// tiles for the routed experts' bf16 grouped GEMM at prefill. Attention runs on AVX2 + FMA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
