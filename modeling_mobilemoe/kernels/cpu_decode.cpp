@@ -580,14 +580,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_gemm(const c10::BFloat16*
   _tile_release();
 }
 
-// packed[j][m] = the bf16 pair x[m][2j], x[m][2j + 1] for m < rows, zeros for rows <= m < M (a multiple of 8).
-void pack_pairs(const c10::BFloat16* x, int64_t rows, int64_t H, uint32_t* packed, int64_t M) {
+// packed[j][m] = the bf16 pair x[t][2j], x[t][2j + 1] of token t = token_of_row[m] for m < rows, zeros for
+// rows <= m < M (a multiple of 8): the rows are gathered here, not copied into sorted order first.
+void pack_pairs(const c10::BFloat16* x, const int64_t* token_of_row, int64_t rows, int64_t H, uint32_t* packed,
+                int64_t M) {
   const float* pairs = reinterpret_cast<const float*>(x);  // 32-bit lanes, moved, never computed on
   for (int64_t m = 0; m < M; m += 8) {
     for (int64_t j = 0; j < H / 2; j += 8) {
       __m256 block[8];
       for (int i = 0; i < 8; ++i) {
-        block[i] = m + i < rows ? _mm256_loadu_ps(pairs + (m + i) * (H / 2) + j) : _mm256_setzero_ps();
+        block[i] = m + i < rows ? _mm256_loadu_ps(pairs + token_of_row[m + i] * (H / 2) + j) : _mm256_setzero_ps();
       }
       transpose8x8(block);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(packed + (j + i) * M + m), block[i]);
@@ -617,16 +619,17 @@ void swiglu_pairs(const float* gate_up, int64_t I, int64_t M, uint32_t* packed) 
 // Rows of an expert's activations per tile pass: the scratch below stays within ~2 MB a thread.
 constexpr int64_t kTileRows = 256;
 
-// One expert on its rows x [rows, H] with AMX tiles: out [rows, H] = down(SwiGLU(gate_up x)), each step rounded to
-// bf16 as `grouped_experts` rounds it. H and I multiples of 32 (`tiles_apply`).
-void tile_expert(const c10::BFloat16* x, int64_t rows, const c10::BFloat16* gate_up_proj,
+// One expert on the rows of tokens token_of_row[0, rows) of x [tokens, H] with AMX tiles: out [rows, H] =
+// down(SwiGLU(gate_up x)), each step rounded to bf16 as `grouped_experts` rounds it. H and I multiples of 32
+// (`tiles_apply`).
+void tile_expert(const c10::BFloat16* x, const int64_t* token_of_row, int64_t rows, const c10::BFloat16* gate_up_proj,
                  const c10::BFloat16* down_proj, int64_t H, int64_t I, c10::BFloat16* out) {
   thread_local std::vector<uint32_t> packed_x, packed_h;  // reused across calls: no page faults per expert
   thread_local std::vector<float> gate_up, down;
   for (int64_t first = 0; first < rows; first += kTileRows) {
     const int64_t count = std::min(kTileRows, rows - first), M = (count + 15) / 16 * 16;
     packed_x.resize(H / 2 * M), packed_h.resize(I / 2 * M), gate_up.resize(2 * I * M), down.resize(H * M);
-    pack_pairs(x + first * H, count, H, packed_x.data(), M);
+    pack_pairs(x, token_of_row + first, count, H, packed_x.data(), M);
     tile_gemm(gate_up_proj, 2 * I, H, packed_x.data(), M, gate_up.data());
     swiglu_pairs(gate_up.data(), I, M, packed_h.data());
     tile_gemm(down_proj, H, I, packed_h.data(), M, down.data());
@@ -635,7 +638,9 @@ void tile_expert(const c10::BFloat16* x, int64_t rows, const c10::BFloat16* gate
         __m256 block[8];
         for (int i = 0; i < 8; ++i) block[i] = _mm256_loadu_ps(down.data() + (h + i) * M + m);
         transpose8x8(block);
-        for (int i = 0; i < 8 && m + i < count; ++i) store8(out + (first + m + i) * H + h, round8<c10::BFloat16>(block[i]));
+        for (int i = 0; i < 8 && m + i < count; ++i) {
+          store8(out + (first + m + i) * H + h, round8<c10::BFloat16>(block[i]));
+        }
       }
     }
   }
@@ -662,8 +667,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts(
   const at::Tensor x = hidden_states.contiguous();
   const int64_t tokens = x.size(0), H = x.size(1), k = experts.size(1), slots = tokens * k, I = down_proj.size(2);
   const SortedSlots sorted = sort_slots(experts, gate_up_proj.size(0));
-  const at::Tensor rows = x.index_select(0, sorted.token_of_row);
-  const bool tiles = tiles_apply(x, H, I, training);  // no gate-up or SwiGLU rows then: inference needs none
+  // The tiles gather their rows while packing them, and keep no gate-up or SwiGLU rows (inference needs none).
+  const bool tiles = tiles_apply(x, H, I, training);
+  const at::Tensor rows = tiles ? at::Tensor() : x.index_select(0, sorted.token_of_row);
   at::Tensor gate_up = tiles ? at::Tensor() : at::empty({slots, 2 * I}, x.options());
   at::Tensor hidden = tiles ? at::Tensor() : at::empty({slots, I}, x.options());
   at::Tensor out = at::empty({slots, H}, x.options()), result = at::empty({tokens, H}, x.options());
@@ -671,8 +677,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_experts(
     for_each_expert_split(sorted.first_row, [&](int64_t e, int64_t row, int64_t count) {
       if (tiles) {
         const auto bf16 = [](const at::Tensor& t) { return t.data_ptr<c10::BFloat16>(); };
-        tile_expert(bf16(rows) + row * H, count, bf16(gate_up_proj) + e * 2 * I * H, bf16(down_proj) + e * H * I, H, I,
-                    bf16(out) + row * H);
+        tile_expert(bf16(x), sorted.token_of_row.data_ptr<int64_t>() + row, count, bf16(gate_up_proj) + e * 2 * I * H,
+                    bf16(down_proj) + e * H * I, H, I, bf16(out) + row * H);
         return;
       }
       at::Tensor expert_gate_up = gate_up.narrow(0, row, count), expert_out = out.narrow(0, row, count);
