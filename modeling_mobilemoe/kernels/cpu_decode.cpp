@@ -502,7 +502,7 @@ void for_each_expert_split(const std::vector<int64_t>& first_row, Fn fn) {
 // projection; the result is transposed back into rows. Rounded where `grouped_experts` rounds. The tiles' loads bound
 // this kernel at about oneDNN's rate for such GEMMs (0.52-0.56 TFLOP/s a core at 64-256 rows in a standalone harness,
 // 2.4 without the loads); what it saves is the copy and oneDNN's per-call work: one S layer's experts at 1024 tokens
-// took 11.4 against 15.9 ms on 2 cores of a Xeon.
+// took 10.8-11.0 against 18.5-20.7 ms on 2 cores of a Xeon (rows gathered while packing).
 
 // Eight rows of eight 32-bit values, transposed in registers.
 inline void transpose8x8(__m256 (&r)[8]) {
