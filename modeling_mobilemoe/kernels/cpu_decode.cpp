@@ -423,20 +423,23 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool mkl_float
   return gemm(x, weight, mkl_float32);
 }
 
-// hidden[r] = silu(gate[r]) * up[r] over rows of I values (a multiple of 8; gate and up rows `stride` apart), with
-// silu rounded to T before the product, as eager `act_fn(gate) * up` stores it; 8 lanes of silu at a time.
+// silu(gate) * up of 8 lanes holding T values, with silu rounded to T before the product and the product rounded to
+// T, as eager `act_fn(gate) * up` stores them.
+template <typename T>
+inline __m256 swiglu8(__m256 gate, __m256 up) {
+  const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+  return round8<T>(_mm256_mul_ps(round8<T>(_mm256_div_ps(gate, denominator)), up));
+}
+
+// hidden[r] = silu(gate[r]) * up[r] over rows of I values (a multiple of 8; gate and up rows `stride` apart), rounded
+// as `swiglu8` rounds.
 template <typename T>
 void swiglu_rows(const T* gate, const T* up, int64_t stride, T* hidden, int64_t rows, int64_t I) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gate + r * stride;
       const T* u = up + r * stride;
-      for (int64_t j = 0; j < I; j += 8) {
-        const __m256 x = load8(g + j);
-        const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
-        const __m256 activated = round8<T>(_mm256_div_ps(x, denominator));
-        store8(hidden + r * I + j, round8<T>(_mm256_mul_ps(activated, load8(u + j))));
-      }
+      for (int64_t j = 0; j < I; j += 8) store8(hidden + r * I + j, swiglu8<T>(load8(g + j), load8(u + j)));
     }
   });
 }
@@ -597,20 +600,18 @@ void pack_pairs(const c10::BFloat16* x, const int64_t* token_of_row, int64_t row
   }
 }
 
-// From the gate-up products gate_up[i][m] (fp32, gate rows i < I, up rows I + i): SwiGLU rounded as `swiglu_rows`
-// rounds it, packed in pairs for the down projection: packed[j][m] holds h[2j][m] (low half) and h[2j + 1][m].
+// From the gate-up products gate_up[i][m] (fp32, gate rows i < I, up rows I + i), rounded to bf16 as a GEMM's output
+// is: SwiGLU (`swiglu8`), packed in pairs for the down projection: packed[j][m] holds h[2j][m] (low half) and
+// h[2j + 1][m].
 void swiglu_pairs(const float* gate_up, int64_t I, int64_t M, uint32_t* packed) {
-  const auto swiglu8 = [&](int64_t i, int64_t m) {
-    const __m256 gate = round8<c10::BFloat16>(_mm256_loadu_ps(gate_up + i * M + m));
-    const __m256 up = round8<c10::BFloat16>(_mm256_loadu_ps(gate_up + (I + i) * M + m));
-    const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
-    const __m256 activated = round8<c10::BFloat16>(_mm256_div_ps(gate, denominator));
-    return _mm256_castps_si256(round8<c10::BFloat16>(_mm256_mul_ps(activated, up)));
+  const auto swiglu = [&](int64_t i, int64_t m) {
+    const auto product = [&](int64_t row) { return round8<c10::BFloat16>(_mm256_loadu_ps(gate_up + row * M + m)); };
+    return _mm256_castps_si256(swiglu8<c10::BFloat16>(product(i), product(I + i)));
   };
   for (int64_t j = 0; j < I / 2; ++j) {
     for (int64_t m = 0; m < M; m += 8) {
-      const __m256i low = _mm256_srli_epi32(swiglu8(2 * j, m), 16);
-      const __m256i high = _mm256_and_si256(swiglu8(2 * j + 1, m), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+      const __m256i low = _mm256_srli_epi32(swiglu(2 * j, m), 16);
+      const __m256i high = _mm256_and_si256(swiglu(2 * j + 1, m), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + j * M + m), _mm256_or_si256(low, high));
     }
   }
