@@ -67,14 +67,17 @@ def native_bf16_matmul(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 72), (2, 3, 72), (4, 200)])
-def test_linear_matches_float64_reference(instruction_set, dtype, shape):
+# 100 rows: AVX2's blocks of four plus a remainder, AVX-512's four streams plus a remainder; 1100: a thread's rows in
+# two blocks applied to every input row in turn.
+@pytest.mark.parametrize("rows", [100, 1100])
+def test_linear_matches_float64_reference(instruction_set, dtype, shape, rows):
     # 72 and 200 features: AVX-512 runs full steps, single steps and a masked tail (16 fp32 / 32 bf16 lanes).
-    weight = torch.randn(100, shape[-1], dtype=dtype)  # 100 rows: blocks of four plus a remainder
-    bias = torch.randn(100, dtype=dtype)
+    weight = torch.randn(rows, shape[-1], dtype=dtype)
+    bias = torch.randn(rows, dtype=dtype)
     x = torch.randn(*shape, dtype=dtype)
     out = torch.ops.mobilemoe_cpu.linear(x, weight, bias)
     expected = F.linear(x.double(), weight.double(), bias.double())
-    assert out.dtype == dtype and out.shape == (*shape[:-1], 100)
+    assert out.dtype == dtype and out.shape == (*shape[:-1], rows)
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
 
 
