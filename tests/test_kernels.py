@@ -418,10 +418,12 @@ def sdpa_reference(query, key, value, mask):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_queries", [1, 3])
-@pytest.mark.parametrize("head_dim", [16, 72])
-def test_decode_attention_matches_sdpa(dtype, num_queries, head_dim):
-    # 2 key/value heads of 3 query heads each; 37 positions (blocks of four and eight plus remainders); masks with
-    # gaps, one that differs per batch row with a row that sees only its last position, one shared by the batch.
+# AVX-512 takes head dimensions 16, 64 and 128 with a group's query rows four (128: two) at a time, 72 row by row.
+@pytest.mark.parametrize("head_dim", [16, 64, 72, 128])
+def test_decode_attention_matches_sdpa(instruction_set, dtype, num_queries, head_dim):
+    # 2 key/value heads of 3 query heads each (3 queries: 9 rows a head, in passes of 4, 4 and 1); 37 positions
+    # (blocks of four and eight plus remainders); masks with gaps, one that differs per batch row with a row that
+    # sees only its last position, one shared by the batch.
     query = torch.randn(2, 6, num_queries, head_dim, dtype=dtype)
     key, value = torch.randn(2, 2, 37, head_dim, dtype=dtype), torch.randn(2, 2, 37, head_dim, dtype=dtype)
     per_row = torch.rand(2, 1, num_queries, 37) > 0.3
@@ -436,7 +438,7 @@ def test_decode_attention_matches_sdpa(dtype, num_queries, head_dim):
         torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
-def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_rejects_bad_inputs():
+def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_rejects_bad_inputs(instruction_set):
     query, key = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
     out = torch.ops.mobilemoe_cpu.decode_attention(query, key, key, torch.zeros(1, 1, 1, 5, dtype=torch.bool), 0.25)
     assert torch.equal(out, torch.zeros(1, 1, 4, 16))
