@@ -133,15 +133,18 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_n));
 }
 
-// out[r] = dot(w + r * K, x) for rows r in [begin, end); K is a multiple of 8, x is fp32 and cache-resident.
+// out[r] = dot(w + r * K, x) for rows r in [begin, end); K is a multiple of 8, x is fp32 and cache-resident. Four rows
+// side by side, one from each quarter of the range: x is loaded once for four rows, and the quarters are four DRAM
+// streams (see `avx512::dot_rows`).
 template <typename T>
 void dot_rows(const T* w, const float* x, float* out, int64_t begin, int64_t end, int64_t K) {
-  int64_t r = begin;
-  for (; r + 4 <= end; r += 4) {
+  const int64_t quarter = (end - begin) / 4;
+  for (int64_t i = 0; i < quarter; ++i) {
+    const int64_t r = begin + i;
     const T* w0 = w + r * K;
-    const T* w1 = w0 + K;
-    const T* w2 = w1 + K;
-    const T* w3 = w2 + K;
+    const T* w1 = w0 + quarter * K;
+    const T* w2 = w1 + quarter * K;
+    const T* w3 = w2 + quarter * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
@@ -151,11 +154,11 @@ void dot_rows(const T* w, const float* x, float* out, int64_t begin, int64_t end
       a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
     }
     out[r] = horizontal_sum(a0);
-    out[r + 1] = horizontal_sum(a1);
-    out[r + 2] = horizontal_sum(a2);
-    out[r + 3] = horizontal_sum(a3);
+    out[r + quarter] = horizontal_sum(a1);
+    out[r + 2 * quarter] = horizontal_sum(a2);
+    out[r + 3 * quarter] = horizontal_sum(a3);
   }
-  for (; r < end; ++r) {
+  for (int64_t r = begin + 4 * quarter; r < end; ++r) {
     const T* w0 = w + r * K;
     __m256 a0 = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) a0 = _mm256_fmadd_ps(load8(w0 + k), _mm256_loadu_ps(x + k), a0);
