@@ -972,6 +972,21 @@ inline float exponentiate(float* scores, int64_t n, float top) {
   return sum;
 }
 
+// A query row's L scores in place as its unnormalised softmax weights: exp(score - top) for the keys `allowed` (strided,
+// may be null) lets it see, exactly 0 for the others; returns their sum, 0 (all weights 0) where it may see none.
+inline float softmax_weights(float* scores, const bool* allowed, int64_t allowed_stride, int64_t L) {
+  float top = -INFINITY;
+  for (int64_t l = 0; l < L; ++l) {
+    if (allowed != nullptr && !allowed[l * allowed_stride]) scores[l] = -INFINITY;
+    top = std::max(top, scores[l]);
+  }
+  if (top == -INFINITY) {
+    std::fill(scores, scores + L, 0.0f);
+    return 0.0f;
+  }
+  return exponentiate(scores, L, top);
+}
+
 // softmax(q k^T) v of one query row over L keys and values of head dimension D (a multiple of 8), positions where
 // `allowed` (strided, may be null) is false left out; `out` gets zeros if none is allowed. Four keys at a time and
 // eight value lanes-blocks at a time, so the FMAs are independent chains.
@@ -992,14 +1007,9 @@ void attend_row(const float* q, const T* k, const T* v, const bool* allowed, int
     for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(k + l * D + d), _mm256_loadu_ps(q + d), acc);
     scores[l] = horizontal_sum(acc);
   }
-  float top = -INFINITY;
-  for (l = 0; l < L; ++l) {
-    if (allowed != nullptr && !allowed[l * allowed_stride]) scores[l] = -INFINITY;
-    top = std::max(top, scores[l]);
-  }
+  const float sum = softmax_weights(scores, allowed, allowed_stride, L);
   std::fill(out, out + D, 0.0f);
-  if (top == -INFINITY) return;
-  const float sum = exponentiate(scores, L, top);
+  if (sum == 0.0f) return;
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // up to 64 dimensions (8 accumulators) per pass over the values
     const int64_t blocks = std::min<int64_t>(64, D - d0) / 8;
     __m256 acc[8];
@@ -1064,18 +1074,8 @@ void attend_rows(const QueryRows& rows, const T* k, const T* v, int64_t allowed_
   }
   float inverse_sum[kRows];
   for (int i = 0; i < n; ++i) {
-    float* row_scores = scores + i * L;
-    float top = -INFINITY;
-    for (int64_t l = 0; l < L; ++l) {
-      if (rows.allowed[i] != nullptr && !rows.allowed[i][l * allowed_stride]) row_scores[l] = -INFINITY;
-      top = std::max(top, row_scores[l]);
-    }
-    if (top == -INFINITY) {  // sees no key: zeros out
-      std::fill(row_scores, row_scores + L, 0.0f);
-      inverse_sum[i] = 0.0f;
-    } else {
-      inverse_sum[i] = 1.0f / exponentiate(row_scores, L, top);
-    }
+    const float sum = softmax_weights(scores + i * L, rows.allowed[i], allowed_stride, L);
+    inverse_sum[i] = sum == 0.0f ? 0.0f : 1.0f / sum;  // sees no key: zeros out
   }
   __m512 acc[kRows][DB];
   for (int i = 0; i < kRows; ++i) {
