@@ -2,7 +2,7 @@
 experts, and a dense MobileLLM-Pro-shaped Llama, side by side in one process, batch 1, random weights.
 
     python benchmarks/bench_inference.py                      # S shape, fp32 and bf16, writes JSON + PNG
-    python benchmarks/bench_inference.py --layers 4 --repeats 2   # a quicker, shortened run
+    python benchmarks/bench_inference.py --layers 4 --rounds 2    # a quicker, shortened run
 
 - prefill: one forward over `--prefill-tokens` tokens with `use_cache=True, logits_to_keep=1` (what `generate` does);
 - decode: one-token forwards against a static KV cache holding `--context` tokens (filled with random keys/values,

@@ -256,6 +256,7 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_nativ
     many = kernels.MAX_FUSED_SLOTS // 2 + 1  # top-2: one slot more than the operator streams
     hidden, top_k_index = torch.randn(many, 64, dtype=torch.bfloat16), torch.rand(many, 8).topk(2).indices
     top_k_weights = torch.rand(many, 2)
+    monkeypatch.setattr(kernels, "_half_matmul_is_slow", lambda dtype: False)  # a CPU with native bf16 matmuls
     with torch.no_grad(), torch.profiler.profile() as profile:
         experts(hidden, top_k_index, top_k_weights)
     assert ran("moe_experts", profile)
