@@ -275,6 +275,28 @@ def test_fused_experts_run_prefill_as_a_grouped_gemm_and_fall_back_without_nativ
     assert experts.gate_up_proj.grad is not None
 
 
+def test_padding_free_rows_attend_per_sequence_as_under_the_packed_mask():
+    """TRL's padding-free packing: one row of sequences back to back with `cu_seq_lens`. Attention runs per sequence
+    (one SDPA call each, not one over the whole row), with the loss and gradients of eager attention under the
+    block-diagonal mask built from `position_ids` (as training runs: without a cache)."""
+    lengths = [5, 9, 1, 7]
+    input_ids = tokens(batch=1, length=sum(lengths))
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    packed = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": 9, "max_length_k": 9}
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        model = make_model(attn_implementation=implementation).train()
+        with torch.profiler.profile() as profile:
+            loss = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False, **packed).loss
+        loss.backward()
+        sdpa_calls = sum(event.name == "aten::scaled_dot_product_attention" for event in profile.events())
+        results[implementation] = loss, {name: p.grad for name, p in model.named_parameters()}, sdpa_calls
+    assert results["sdpa"][2] == len(lengths) * model.config.num_hidden_layers and results["eager"][2] == 0
+    torch.testing.assert_close(results["sdpa"][0], results["eager"][0])
+    torch.testing.assert_close(results["sdpa"][1], results["eager"][1])
+
+
 def test_float32_linear_keeps_stock_semantics_off_the_plain_inference_path():
     layer = torch.nn.Linear(64, 32)
     kernels.install(layer)
