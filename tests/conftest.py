@@ -14,10 +14,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# Files that take minutes on one worker, longest first (2-core AMD EPYC without AVX-512: the demo ~22 min, export
-# ~7-10, benchmarks ~5, training runs ~4, hub ~2.5): xdist hands files out in collection order, so starting these
-# first lets the two workers finish together. Its own order (most tests first) started the demo 10 minutes in and
-# the suite took 31 minutes.
+# Files that take minutes on one worker, longest first (2-core AMD EPYC without AVX-512: the demo 13-14 min; in an
+# earlier run export 622 s with four-layer exports, benchmarks 297, training runs 243, hub 151): xdist hands files out
+# in collection order, so starting these first lets the two workers finish together. Its own order (most tests
+# first) started the demo 10 minutes in and the suite took 31 minutes.
 _LONGEST_FILES = (
     "test_pipeline_and_cli.py", "test_export.py", "test_benchmarks.py", "test_training_runs.py", "test_hub.py",
 )  # fmt: skip

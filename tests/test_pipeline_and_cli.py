@@ -47,7 +47,7 @@ def _cli(*args, cwd, timeout=600):
 
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_and_every_stage_improves_its_heldout_metric(tmp_path):
-    # ~22 minutes on one thread beside the other tests on a 2-core AMD EPYC without AVX-512.
+    # 13-14 minutes on one thread beside the other tests on a 2-core AMD EPYC without AVX-512.
     result = _cli("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in ("[tokenizer]", "[pretrain]", "[midtrain]", "[sft]", "[qat]", "[plot]", "[chat]      assistant:",
