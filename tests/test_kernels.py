@@ -130,8 +130,7 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instru
     with torch.no_grad():
         with torch.profiler.profile() as profile:
             layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))
-        # bf16 on the kernel only where it multiplies bf16 pairs natively (PyTorch's gemv measured faster otherwise)
-        assert ran("linear", profile) == (instruction_set in ("avx512_bf16", "amx_bf16"))
+        assert ran("linear", profile)  # bf16 on every instruction set
         layer.float()
         for rows in (1, kernels.MAX_LINEAR_ROWS, kernels.MAX_LINEAR_ROWS + 1):
             x = torch.randn(rows, 64)
@@ -798,9 +797,7 @@ def test_decode_step_compiles_fullgraph_with_the_kernels_as_opaque_ops(dtype):
         with torch.profiler.profile() as profile:
             actual = compiled(input_ids).logits
     names = {event.name for event in profile.events()}
-    operators = ["moe_experts", "decode_attention"]
-    if dtype == torch.float32 or torch.bfloat16 in kernels._state["linear_dtypes"]:  # see cpu_linear_forward
-        operators += ["linear", "swiglu_mlp"]
+    operators = ["moe_experts", "decode_attention", "linear", "swiglu_mlp"]
     assert {f"mobilemoe_cpu::{operator}" for operator in operators} <= names
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # inductor fuses the norms: bf16 rounds elsewhere
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)

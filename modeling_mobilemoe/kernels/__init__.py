@@ -9,7 +9,8 @@ what `nn.Linear` runs too; in fp32 `nn.Linear` runs MKL's sgemm, which on AMD CP
 fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine (`gemm` in cpu_decode.cpp), so the operators and
 `cpu_linear_forward` call it. The operators:
 
-- `linear`: a streaming gemv (fp32 everywhere; bf16 where AVX-512 BF16 multiplies bf16 pairs natively);
+- `linear`: a streaming gemv, fp32 or bf16 (bf16 widened in AVX2 registers measured 2.1-3.3x PyTorch's bf16 gemv on
+  an AVX2-only AMD EPYC at 1-4 rows, the LM head included; with AVX-512 BF16, 3x on the LM head);
 - `moe_experts`: the routed experts of a layer (gate-up, SwiGLU, down, weighted sum) reading only the selected
   experts' weights, fp32 or bf16: streamed for a few (token, expert) slots, a grouped GEMM for more (experts split
   between the cores, each expert's GEMMs on one core: 1.3x running them one after another on both; bf16 inference on
@@ -100,7 +101,6 @@ _state: dict[str, object] = {
     "loaded": False,
     "reason": None,
     "enabled": True,
-    "linear_dtypes": (torch.float32,),
     "sdpa_packed_dtypes": (),
 }
 
@@ -169,13 +169,7 @@ def set_instruction_set(limit: str) -> str:
         raise ValueError(f"instruction set {limit!r} is not one of native, {', '.join(INSTRUCTION_SETS)}")
     if not available():
         raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
-    active = torch.ops.mobilemoe_cpu.instruction_set(limit)
-    # The linear kernel takes bf16 only where it multiplies bf16 pairs natively (AVX-512 BF16: 3x PyTorch's bf16
-    # gemv on the LM head); widened in AVX2 registers it measured 0.91x PyTorch's on an AVX2-only CPU
-    # (`benchmarks/results/inference_S_avx2.json`). The fused experts gain on every instruction set.
-    native_bf16 = INSTRUCTION_SETS.index(active) >= INSTRUCTION_SETS.index("avx512_bf16")
-    _state["linear_dtypes"] = (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
-    return active
+    return torch.ops.mobilemoe_cpu.instruction_set(limit)
 
 
 @contextlib.contextmanager
@@ -279,7 +273,7 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     bias_needs_grad = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
     inference = _kernel_applies(input, self.weight) and not bias_needs_grad
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
-    if inference and input.dtype in _state["linear_dtypes"] and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
+    if inference and input.dtype in _KERNEL_DTYPES and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
     if inference and input.dtype == torch.float32 and _onednn_linear_applies():
         return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
@@ -290,13 +284,11 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return F.linear(input, self.weight, self.bias)
 
 
-def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int, streamed_dtypes: tuple[torch.dtype, ...]) -> bool:
-    """Up to `streamed_limit` rows (or slots) an operator streams its weights, which it does in `streamed_dtypes`; more
-    run oneDNN's GEMMs inside it, for dtypes this CPU has native matmul kernels for (elsewhere the modules upcast
-    half precision to float32 first, see `cpu_linear_forward`)."""
-    if rows <= streamed_limit:
-        return input.dtype in streamed_dtypes
-    return not _half_matmul_is_slow(input.dtype)
+def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int) -> bool:
+    """Up to `streamed_limit` rows (or slots) an operator streams its weights, in every dtype it takes; more run
+    oneDNN's GEMMs inside it, for dtypes this CPU has native matmul kernels for (elsewhere the modules upcast half
+    precision to float32 first, see `cpu_linear_forward`)."""
+    return rows <= streamed_limit or not _half_matmul_is_slow(input.dtype)
 
 
 def _sdpa_packs(dtype: torch.dtype) -> bool:
@@ -346,12 +338,11 @@ def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Te
     (few rows streamed in the dtypes the linear kernel takes, more as GEMMs with the SwiGLU in one pass); anything else
     is the module's own forward."""
     weights = _swiglu_mlp_weights(self)
-    linear_dtypes = _state["linear_dtypes"]
     fused = (
         weights is not None
         and _kernel_applies(hidden_states, *weights)
         # last, as in `cpu_linear_forward`
-        and _rows_fit(hidden_states, hidden_states.numel() // hidden_states.shape[-1], MAX_LINEAR_ROWS, linear_dtypes)
+        and _rows_fit(hidden_states, hidden_states.numel() // hidden_states.shape[-1], MAX_LINEAR_ROWS)
     )
     if not fused:
         return MobileMoEMLP.forward(self, hidden_states)
@@ -417,9 +408,7 @@ def _layer_rows_fit(layer: MobileMoEDecoderLayer, hidden_states: torch.Tensor) -
     """The layer operators take these rows (`_rows_fit`), and an MoE layer's experts their (token, expert) slots."""
     rows = hidden_states.shape[0] * hidden_states.shape[1]
     top_k = layer.feed_forward.router.top_k if layer.is_moe_layer else 0
-    return _rows_fit(hidden_states, rows, MAX_LINEAR_ROWS, _KERNEL_DTYPES) and _rows_fit(
-        hidden_states, rows * top_k, MAX_FUSED_SLOTS, _KERNEL_DTYPES
-    )
+    return _rows_fit(hidden_states, rows, MAX_LINEAR_ROWS) and _rows_fit(hidden_states, rows * top_k, MAX_FUSED_SLOTS)
 
 
 def cpu_decoder_layer_forward(
@@ -434,11 +423,9 @@ def cpu_decoder_layer_forward(
 ) -> torch.Tensor:
     """`MobileMoEDecoderLayer.forward` for CPUs: inference runs the layer as `attention_input`, the cache update,
     attention (`cpu_sdpa_attention_forward`) and `layer_output`: three operators for what eagerly is ~350 (norms,
-    projections, RoPE, QK-norm, routing, residuals), the same math rounded at the same points. At decode bf16 runs
-    here on every instruction set, unlike a lone `nn.Linear`: the operators saved outweigh AVX2's slower bf16 rows (a
-    bf16 S-shaped decode step with the kernels capped at AVX2: 38-49 ms, against 54-64 ms per module); past a few rows
-    only where the CPU has native bf16 matmuls. Anything else (training, autograd, replaced or hooked modules, other
-    attention or experts implementations, captured router logits or attentions, head dimensions that are not a
+    projections, RoPE, QK-norm, routing, residuals), the same math rounded at the same points; in bf16 past a few
+    rows only where the CPU has native bf16 matmuls. Anything else (training, autograd, replaced or hooked modules,
+    other attention or experts implementations, captured router logits or attentions, head dimensions that are not a
     multiple of 16) is the layer's own forward."""
     attention = self.self_attn
     projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
@@ -553,7 +540,7 @@ def cpu_fused_experts_forward(
     if (
         not routing_needs_grad
         and _kernel_applies(hidden_states, *weights)
-        and _rows_fit(hidden_states, top_k_index.numel(), MAX_FUSED_SLOTS, _KERNEL_DTYPES)  # last, as elsewhere
+        and _rows_fit(hidden_states, top_k_index.numel(), MAX_FUSED_SLOTS)  # last, as elsewhere
     ):
         return torch.ops.mobilemoe_cpu.moe_experts(hidden_states, top_k_index, top_k_weights, *weights)
     trains = (
