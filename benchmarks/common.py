@@ -290,6 +290,8 @@ def machine_info(threads: int) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_matmul": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "amx_bf16": "amx_bf16" in flags,  # PyTorch's SDPA runs bf16 on AMX tiles; the package hands it bf16 prefill
+        "kernels_instruction_set": kernels.instruction_set(),
+        "float32_gemms": kernels.float32_gemms(),
         "threads": threads,
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -42,6 +42,13 @@ def instruction_set(request):
         yield active
 
 
+@pytest.fixture(params=kernels.FLOAT32_GEMMS)
+def float32_gemms(request):
+    """Each library the fp32 GEMMs of inference may run on, whichever this CPU's own choice is."""
+    yield kernels.set_float32_gemms(request.param)
+    kernels.set_float32_gemms("native")
+
+
 @pytest.fixture
 def two_threads():
     """Two torch threads (pytest-xdist workers run one each): the grouped GEMM splits its experts between threads."""
@@ -123,7 +130,7 @@ def ran_onednn_linear(profile) -> bool:
     return any(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
 
 
-def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instruction_set):
+def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instruction_set, float32_gemms):
     layer = torch.nn.Linear(64, 32)
     kernels.install(layer)
     calls = []
@@ -138,8 +145,9 @@ def test_decode_linear_uses_the_kernel_only_for_few_rows_without_autograd(instru
                 out = layer(x)
             calls.append((ran("linear", profile), ran_onednn_linear(profile)))
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    # few rows streamed, more on oneDNN's fp32 linear (where this build of torch has it)
-    assert calls == [(True, False), (True, False), (False, kernels._ONEDNN_LINEAR is not None)]
+    # few rows streamed, more on the chosen library (oneDNN's fp32 linear where this build of torch has it)
+    onednn = float32_gemms == "onednn" and kernels._ONEDNN_LINEAR is not None
+    assert calls == [(True, False), (True, False), (False, onednn)]
     x = torch.randn(kernels.MAX_LINEAR_ROWS + 1, 64)
     with torch.profiler.profile() as profile:
         layer(x).sum().backward()  # with autograd: F.linear, so gradients flow
@@ -319,10 +327,10 @@ def test_float32_linear_keeps_stock_semantics_off_the_plain_inference_path():
 @pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this build of torch has no oneDNN linear")
 @pytest.mark.parametrize("operator", ["moe_experts", "swiglu_mlp", "prefill_attention", "moe_experts_backward"])
 @pytest.mark.usefixtures("two_threads")  # the profiler sees the calling thread, which takes half of the experts
-def test_float32_gemms_run_onednn_at_inference_and_mkl_in_training(operator):
-    # fp32 `aten::mm` is MKL's sgemm, which takes its AVX2 code on AMD CPUs: the inference operators' GEMMs run oneDNN's
-    # linear. Training stays on MKL (oneDNN's per-shape primitives grew a training step's peak RSS, see the comment on
-    # `grouped_experts`).
+def test_float32_gemms_run_the_chosen_library_at_inference_and_mkl_in_training(operator):
+    # fp32 `aten::mm` is MKL's sgemm, which takes its AVX2 code on AMD CPUs: there, with AVX-512, the inference
+    # operators' GEMMs run oneDNN's linear (`set_float32_gemms`). Training stays on MKL (oneDNN's per-shape primitives
+    # grew a training step's peak RSS, see the comment on `grouped_experts`).
     hidden, top_k_index, top_k_weights = torch.randn(40, 64), torch.rand(40, 8).topk(2).indices, torch.rand(40, 2)
     gate_up_proj, down_proj = torch.randn(8, 64, 64), torch.randn(8, 64, 32)
     calls = {
@@ -331,23 +339,45 @@ def test_float32_gemms_run_onednn_at_inference_and_mkl_in_training(operator):
         ),
         "swiglu_mlp": lambda: torch.ops.mobilemoe_cpu.swiglu_mlp(hidden, *gate_up_proj[:2, :32], down_proj[0]),
         "prefill_attention": lambda: torch.ops.mobilemoe_cpu.prefill_attention(
-            *(torch.randn(1, heads, 70, 16) for heads in (6, 2, 2)), None, 0.25, True
+            *(torch.randn(1, heads, 70, 16, generator=torch.Generator().manual_seed(heads)) for heads in (6, 2, 2)),
+            None,
+            0.25,
+            True,
         ),
         "moe_experts_backward": lambda: kernels.GroupedExperts.apply(
             hidden.requires_grad_(), top_k_index, top_k_weights, gate_up_proj.requires_grad_(), down_proj
         ).sum().backward(),
     }
-    with torch.profiler.profile() as profile:
-        calls[operator]()
-    names = {event.name for event in profile.events()}
     training = operator == "moe_experts_backward"
-    assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
-    assert ("mkldnn::_linear_pointwise" in names) != training
-    assert ("aten::mm" in names) == training
-    if operator == "prefill_attention":  # PyTorch's switch for oneDNN turns it off here too
-        with onednn_off(), torch.profiler.profile() as profile:
-            calls[operator]()
-        assert not ran_onednn_linear(profile)
+    outputs = {}
+    try:
+        for library in kernels.FLOAT32_GEMMS:
+            kernels.set_float32_gemms(library)
+            with torch.profiler.profile() as profile:
+                outputs[library] = calls[operator]()
+            names = {event.name for event in profile.events()}
+            onednn = library == "onednn" and not training
+            assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
+            assert ("mkldnn::_linear_pointwise" in names) == onednn
+            assert ("aten::mm" in names) != onednn
+        if operator == "prefill_attention":  # PyTorch's switch for oneDNN turns it off here too
+            with onednn_off(), torch.profiler.profile() as profile:
+                calls[operator]()
+            assert not ran_onednn_linear(profile)
+    finally:
+        kernels.set_float32_gemms("native")
+    if not training:
+        torch.testing.assert_close(outputs["onednn"], outputs["aten"], atol=1e-4, rtol=1e-4)
+
+
+def test_float32_gemm_libraries_are_checked():
+    with pytest.raises(ValueError, match="fp32 GEMM library 'mkl' is not one of native, aten, onednn"):
+        kernels.set_float32_gemms("mkl")
+    with pytest.raises(RuntimeError, match="unknown library 'mkl'"):
+        torch.ops.mobilemoe_cpu.float32_gemms("mkl")
+    # oneDNN's fp32 linear only where MKL leaves AVX-512 unused: AMD (non-Intel) CPUs with AVX-512
+    amd_avx512 = kernels.instruction_set() != "avx2" and "GenuineIntel" not in open("/proc/cpuinfo").read()
+    assert kernels.set_float32_gemms("native") == ("onednn" if amd_avx512 else "aten") == kernels.float32_gemms()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -617,9 +647,11 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
         torch.testing.assert_close(keys, stock_keys, atol=TOLERANCE[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype, library", [(torch.float32, "aten"), (torch.float32, "onednn"), (torch.bfloat16, "native")]
+)
 @pytest.mark.usefixtures("native_bf16_matmul", "kernel_prefill_attention", "two_threads")
-def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype):
+def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dtype, library):
     # Dense (0, 2) and MoE (1, 3) layers, a NoPE layer (1), a left-padded batch of two: GEMMs, a grouped GEMM for
     # the experts (2 x 12 tokens, 48 slots), `prefill_attention` with the padding mask (it computes what eager
     # attention does).
@@ -629,18 +661,18 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
     input_ids = tokens(batch=2, length=12)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use_float32_gemms(library):
         with torch.profiler.profile() as profile:
             out = model(input_ids, attention_mask=attention_mask, use_cache=True)
         with kernels.enabled(False):
             model.set_attn_implementation("eager")
             stock = model(input_ids, attention_mask=attention_mask, use_cache=True)
             model.set_attn_implementation("sdpa")
+        with torch.inference_mode():  # the grouped GEMM's and the attention's worker threads run under it too
+            inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
     assert runs("attention_input", profile) == runs("layer_output", profile) == runs("prefill_attention", profile) == 4
-    if dtype == torch.float32:  # the MoE layers' FP32 routers on at::linear, as the router module's F.linear: ties agree
+    if library == "onednn":  # the MoE layers' FP32 routers on at::linear, as the router module's F.linear: ties agree
         assert sum(event.name == "aten::linear" for event in profile.events()) == 2
-    with torch.inference_mode():  # the grouped GEMM's and the attention's worker threads run under it too
-        inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
     torch.testing.assert_close(inference.logits, out.logits, atol=0, rtol=0)
     kept = attention_mask.bool()  # padding positions see nothing: zeros in SDPA and the kernels, a mean in eager
     torch.testing.assert_close(out.logits[kept], stock.logits[kept], atol=TOLERANCE[dtype], rtol=0)

@@ -3,11 +3,12 @@
 Decoding one token reads every active weight once; on CPU that is memory-bound, and PyTorch's BLAS reads weights at a
 third to a half of the machine's read bandwidth at one row. `cpu_decode.cpp` streams them at close to it, with AVX2 +
 FMA, AVX-512 or AVX-512 BF16, and AMX-BF16 tiles for the experts' bf16 GEMMs (picked at run time: `instruction_set`,
-`limit_instruction_set`). Past a few rows the matmuls are compute-bound and the operators run oneDNN's GEMMs, saving
-what is around them: elementwise passes, and for the routed experts a Python iteration per expert. In bf16 that is
-what `nn.Linear` runs too; in fp32 `nn.Linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code, and oneDNN's
-fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine (`gemm` in cpu_decode.cpp), so the operators and
-`cpu_linear_forward` call it. The operators:
+`limit_instruction_set`). Past a few rows the matmuls are compute-bound and the operators run GEMMs, saving what is
+around them: elementwise passes, and for the routed experts a Python iteration per expert. bf16 GEMMs run oneDNN's
+matmul, as `nn.Linear` does. fp32 `nn.Linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code; oneDNN's fp32
+linear measured 1.7-2.8x faster on the Zen 5 benchmark machine (AVX-512), so there the operators and
+`cpu_linear_forward` call it, and elsewhere MKL, which measured faster where its code is as wide as the CPU's
+(`set_float32_gemms`). The operators:
 
 - `linear`: a streaming gemv, fp32 or bf16 (bf16 widened in AVX2 registers measured 2.1-3.3x PyTorch's bf16 gemv on
   an AVX2-only AMD EPYC at 1-4 rows, the LM head included; with AVX-512 BF16, 3x on the LM head);
@@ -31,17 +32,17 @@ implementations so `torch.compile` keeps them as opaque nodes.
 
 Importing the package installs them on every MobileMoE model it builds (`MODEL_INIT_HOOKS` of the modeling file):
 `nn.Linear` layers run `cpu_linear_forward` (kernel rows <= `MAX_LINEAR_ROWS` without autograd; more fp32 rows without
-autograd on oneDNN's linear; bf16 inputs of more rows in float32 on CPUs without native bf16 matmul; everything else
-`F.linear`), `MobileMoEMLP` runs `cpu_mlp_forward`, the default `sorted_mm` experts hand inference to the `cpu_fused`
-experts implementation (also selectable as `experts_implementation="cpu_fused"`), `sdpa` attention on CPU runs
-`cpu_sdpa_attention_forward` (inference only), and `MobileMoEDecoderLayer` runs `cpu_decoder_layer_forward`: a layer's
-forward as `attention_input`, the cache update, attention and `layer_output` (a graph being compiled runs the
-per-module paths instead). Training runs the routed experts' grouped GEMM with its own backward (`GroupedExperts`:
-`moe_experts_forward`, `moe_experts_backward`). Each falls back to the stock path for anything else (other training,
-hooks or wrappers such as PEFT's, other dtypes, and past a few rows half precision on CPUs without native
-half-precision matmuls). Exported programs (`torch.export`, ONNX) never contain these operators.
-`MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock
-PyTorch ops.
+autograd on the library `set_float32_gemms` chose; bf16 inputs of more rows in float32 on CPUs without native bf16
+matmul; everything else `F.linear`), `MobileMoEMLP` runs `cpu_mlp_forward`, the default `sorted_mm` experts hand
+inference to the `cpu_fused` experts implementation (also selectable as `experts_implementation="cpu_fused"`), `sdpa`
+attention on CPU runs `cpu_sdpa_attention_forward` (inference only), and `MobileMoEDecoderLayer` runs
+`cpu_decoder_layer_forward`: a layer's forward as `attention_input`, the cache update, attention and `layer_output` (a
+graph being compiled runs the per-module paths instead). Training runs the routed experts' grouped GEMM with its own
+backward (`GroupedExperts`: `moe_experts_forward`, `moe_experts_backward`). Each falls back to the stock path for
+anything else (other training, hooks or wrappers such as PEFT's, other dtypes, and past a few rows half precision on
+CPUs without native half-precision matmuls). Exported programs (`torch.export`, ONNX) never contain these operators.
+`MOBILEMOE_CPU_KERNELS=0` turns them off; a model loaded as Hub remote code has none of this and runs on stock PyTorch
+ops.
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ MAX_FUSED_SLOTS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Instruction sets of the kernels (`cpu_decode.cpp`), lowest first; a machine runs the highest it supports.
 INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16", "amx_bf16")
+# Libraries the fp32 GEMMs of inference past a few rows may run on (`set_float32_gemms`).
+FLOAT32_GEMMS = ("aten", "onednn")
 
 # oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it; inference only). `F.linear` in fp32
-# is MKL's sgemm, which on AMD CPUs takes its AVX2 code: this measured 1.7-2.8x faster on the Zen 5 benchmark machine
-# (`gemm` in cpu_decode.cpp, which the operators' fp32 GEMMs run, says more).
+# is MKL's sgemm, which on AMD CPUs takes its AVX2 code: this measured 1.7-2.8x faster on the Zen 5 benchmark machine,
+# and slower than MKL where MKL's code is as wide as the CPU's (`float32_gemms` in cpu_decode.cpp says more).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 _state: dict[str, object] = {
@@ -102,6 +105,7 @@ _state: dict[str, object] = {
     "reason": None,
     "enabled": True,
     "sdpa_packed_dtypes": (),
+    "float32_gemms": "aten",
 }
 
 
@@ -154,6 +158,7 @@ def available() -> bool:
     _state["sdpa_packed_dtypes"] = tuple(dtype for dtype in _KERNEL_DTYPES if torch.ops.mobilemoe_cpu.sdpa_packs(dtype))
     _state["loaded"] = True
     set_instruction_set("native")
+    set_float32_gemms("native")
     return True
 
 
@@ -180,6 +185,35 @@ def limit_instruction_set(limit: str) -> Iterator[str]:
         yield set_instruction_set(limit)
     finally:
         set_instruction_set(previous)
+
+
+def float32_gemms() -> str | None:
+    """The library the fp32 GEMMs of inference past a few rows run on here (one of `FLOAT32_GEMMS`), None where the
+    kernels can't run."""
+    return _state["float32_gemms"] if available() else None
+
+
+def set_float32_gemms(library: str) -> str:
+    """Runs the fp32 GEMMs of inference past a few rows (the operators' and `nn.Linear`'s) on `library` from now on:
+    "aten" (`F.linear`: MKL's sgemm in PyTorch's x86 builds), "onednn" (oneDNN's fp32 linear), or "native": the one
+    that measured faster on this kind of CPU (oneDNN on AMD CPUs with AVX-512, whose AVX-512 MKL leaves unused;
+    `float32_gemms` in cpu_decode.cpp). Returns the library now in use."""
+    if library not in (*FLOAT32_GEMMS, "native"):
+        raise ValueError(f"fp32 GEMM library {library!r} is not one of native, {', '.join(FLOAT32_GEMMS)}")
+    if not available():
+        raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
+    _state["float32_gemms"] = torch.ops.mobilemoe_cpu.float32_gemms(library)
+    return _state["float32_gemms"]
+
+
+@contextlib.contextmanager
+def use_float32_gemms(library: str) -> Iterator[str]:
+    """`set_float32_gemms(library)` within the block only; yields the library in use."""
+    previous = float32_gemms()
+    try:
+        yield set_float32_gemms(library)
+    finally:
+        set_float32_gemms(previous)
 
 
 def _register_fakes() -> None:
@@ -260,14 +294,19 @@ def _kernel_applies(
 
 
 def _onednn_linear_applies() -> bool:
-    """oneDNN's fp32 linear is there and on (`torch.backends.mkldnn.enabled`), and no graph is being compiled (it is an
-    eager-only choice: compiled graphs take inductor's own GEMMs)."""
-    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+    """oneDNN's fp32 linear is chosen (`set_float32_gemms`), there and on (`torch.backends.mkldnn.enabled`), and no
+    graph is being compiled (it is an eager-only choice: compiled graphs take inductor's own GEMMs)."""
+    return (
+        _state["float32_gemms"] == "onednn"
+        and _ONEDNN_LINEAR is not None
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()
+    )
 
 
 def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` for CPUs: few-row inference on the streaming kernel (see the module docstring), more fp32
-    rows on oneDNN's linear (`_ONEDNN_LINEAR`); bf16/fp16 inputs of more rows in float32 where the CPU has no native
+    rows on the library `set_float32_gemms` chose; bf16/fp16 inputs of more rows in float32 where the CPU has no native
     half-precision matmul (as `sorted_mm` does for the experts: the upcast costs one pass over the weight, the
     half-precision GEMM falls off oneDNN's fast kernels)."""
     bias_needs_grad = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()

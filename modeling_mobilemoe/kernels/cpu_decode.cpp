@@ -400,9 +400,38 @@ at::Tensor run_swiglu_experts(const at::Tensor& hidden_states, const at::Tensor&
 }
 
 // ---- Many rows (prefill) --------------------------------------------------------------------------------------------
-// Beyond a few rows a linear is compute-bound: it runs oneDNN's GEMMs (`gemm`), and the operators save what is around
+// Beyond a few rows a linear is compute-bound: it runs GEMMs (`gemm`), and the operators save what is around
 // them: the eager layer's elementwise passes and, for the routed experts, a Python iteration and five operator calls
 // per expert.
+
+// Which library runs the operators' fp32 inference GEMMs: at::linear (MKL's sgemm in PyTorch's x86 builds) or oneDNN's
+// fp32 linear. MKL takes its AVX2 code on AMD CPUs (its own dispatch): on the Zen 5, with AVX-512, oneDNN's linear
+// measured 1.7-2.8x faster at this package's shapes (one core, an expert's 68 rows: 116-122 against 59-71 GFLOP/s; two
+// cores, 1024 rows: 383-391 against 171-188). Where MKL's code is as wide as the CPU's, MKL measured the faster one: on
+// an AVX2-only AMD EPYC (one core, an expert's gate-up and down: 50 and 47 against 45 and 39 GFLOP/s; a whole fp32 S
+// prefill 219.8 against 203.8 tok/s) and on an Intel Xeon with AVX-512 (505 against 492 tok/s). "native" picks that
+// way; tests and benchmarks may name either.
+const char* const kFloat32GemmNames[] = {"aten", "onednn"};
+enum Float32Gemms : int64_t { kAtenGemms = 0, kOneDnnGemms = 1 };
+
+int64_t native_float32_gemms() {
+  __builtin_cpu_init();
+  return kDetectedIsa >= kAvx512 && !__builtin_cpu_is("intel") ? kOneDnnGemms : kAtenGemms;
+}
+
+std::atomic<int64_t> float32_gemms_library{native_float32_gemms()};
+
+// The library of the fp32 inference GEMMs; `library` (aten, onednn or native) chooses it.
+std::string float32_gemms(c10::optional<std::string> library) {
+  if (library.has_value()) {
+    const auto* names_end = std::end(kFloat32GemmNames);
+    const auto* found = std::find(std::begin(kFloat32GemmNames), names_end, *library);
+    TORCH_CHECK(found != names_end || *library == "native", "mobilemoe_cpu.float32_gemms: unknown library '", *library,
+                "'; expected native, aten or onednn");
+    float32_gemms_library = found == names_end ? native_float32_gemms() : found - std::begin(kFloat32GemmNames);
+  }
+  return kFloat32GemmNames[float32_gemms_library.load()];
+}
 
 // oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it), where this build has it.
 using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
@@ -415,24 +444,32 @@ c10::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear_op() {
   return op->typed<LinearPointwise>();
 }
 
-// x [..., K] times weight [N, K] transposed, as at::linear computes it (either may be a strided view). bf16 runs
-// at::linear, which is oneDNN's matmul. fp32 at::linear is MKL's sgemm, which on AMD CPUs takes its AVX2 code:
-// oneDNN's fp32 linear measured 1.7-2.8x faster on the Zen 5 benchmark machine at this package's shapes (one core, an
-// expert's 68 rows: 116-122 against 59-71 GFLOP/s; two cores, 1024 rows: 383-391 against 171-188). Like PyTorch's
-// bf16 matmuls, it keeps a primitive for every new shape in oneDNN's cache, and is off where PyTorch's oneDNN is
-// (`torch.backends.mkldnn.enabled`). `mkl_float32` keeps fp32 on at::linear.
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
-  static const auto onednn_linear = onednn_linear_op();
-  const bool onednn = onednn_linear.has_value() && at::globalContext().userEnabledMkldnn();
-  if (x.scalar_type() == at::kFloat && onednn && !mkl_float32) {
-    return onednn_linear->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+const c10::optional<c10::TypedOperatorHandle<LinearPointwise>>& onednn_linear() {
+  static const auto op = onednn_linear_op();
+  return op;
+}
+
+// x runs an fp32 GEMM on oneDNN's linear: chosen (`float32_gemms`), there, on (PyTorch's oneDNN switch,
+// `torch.backends.mkldnn.enabled`) and not kept on at::linear by the caller (`aten_float32`, training).
+bool onednn_float32(const at::Tensor& x, bool aten_float32) {
+  return x.scalar_type() == at::kFloat && !aten_float32 && float32_gemms_library.load() == kOneDnnGemms &&
+         onednn_linear().has_value() && at::globalContext().userEnabledMkldnn();
+}
+
+// x [..., K] times weight [N, K] transposed, as at::linear computes it (either may be a strided view): bf16 on
+// oneDNN's matmul (at::linear's), fp32 on the library `float32_gemms` chose. Like PyTorch's bf16 matmuls, oneDNN keeps
+// a primitive for every new shape in its cache.
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, bool aten_float32 = false) {
+  if (onednn_float32(x, aten_float32)) {
+    return onednn_linear()->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(),
+                                 c10::nullopt);
   }
   return at::linear(x, weight);
 }
 
 // `gemm` of x [rows, K] written into out [rows, N], a view into a larger buffer.
-void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
-  if (x.scalar_type() == at::kFloat && !mkl_float32) {
+void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bool aten_float32 = false) {
+  if (onednn_float32(x, aten_float32)) {
     out.copy_(gemm(x, weight));
   } else {
     at::mm_out(out, x, weight.t());
@@ -445,9 +482,9 @@ void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bo
 constexpr int64_t kMaxStreamedRows = 4;
 constexpr int64_t kMaxStreamedSlots = 16;
 
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool mkl_float32 = false) {
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool aten_float32 = false) {
   if (x.numel() <= kMaxStreamedRows * x.size(-1)) return streamed_linear(x, weight, c10::nullopt);
-  return gemm(x, weight, mkl_float32);
+  return gemm(x, weight, aten_float32);
 }
 
 // silu(gate) * up of 8 lanes holding T values, with silu rounded to T before the product and the product rounded to
@@ -1458,7 +1495,7 @@ at::Tensor layer_output(const at::Tensor& attention, const at::Tensor& residual,
                 "mobilemoe_cpu.layer_output: the router and expert_bias must be float32 (routing is FP32)");
     // Past a few rows the router's GEMM is at::linear, as `MobileMoETopkRouter`'s F.linear: the same scores on every
     // path, so near ties pick the same experts.
-    const at::Tensor scores = project(normed.to(at::kFloat), *router, /*mkl_float32=*/true).sigmoid();
+    const at::Tensor scores = project(normed.to(at::kFloat), *router, /*aten_float32=*/true).sigmoid();
     const at::Tensor top_k_index = std::get<1>(at::topk(scores + *expert_bias, top_k, -1));
     at::Tensor top_k_weights = scores.gather(-1, top_k_index);
     if (norm_topk_prob) top_k_weights = top_k_weights / (top_k_weights.sum(-1, true) + 1e-20);
@@ -1489,6 +1526,7 @@ TORCH_LIBRARY(mobilemoe_cpu, m) {
         "int top_k, bool norm_topk_prob, float routed_scaling_factor) -> Tensor");
   m.def("instruction_set(str? limit=None) -> str", &instruction_set);
   m.def("sdpa_packs(ScalarType dtype) -> bool", &sdpa_packs);
+  m.def("float32_gemms(str? library=None) -> str", &float32_gemms);
 }
 
 TORCH_LIBRARY_IMPL(mobilemoe_cpu, CPU, m) {
