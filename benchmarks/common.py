@@ -2,8 +2,8 @@
 
 Models are built from configs with random weights (nothing is downloaded):
 - `mobilemoe`: this package's MobileMoE at a preset's shape, with its CPU decode kernels on the CPU's best instruction
-  set (`mobilemoe-avx2-kernels`: capped at AVX2; `mobilemoe-no-amx`: capped below AMX tiles, at AVX-512 BF16;
-  `mobilemoe-pytorch-ops`: without them, stock PyTorch ops only);
+  set (`mobilemoe-avx2-kernels`: capped at AVX2, fp32 GEMMs on MKL, as an AVX2-only CPU runs it; `mobilemoe-no-amx`:
+  capped below AMX tiles, at AVX-512 BF16; `mobilemoe-pytorch-ops`: without them, stock PyTorch ops only);
 - `qwen2moe`: transformers' `Qwen2MoeForCausalLM` at the same shape (60 experts, top-4, shared expert 4x wider);
 - `dense-pro`: a dense `LlamaForCausalLM` shaped like MobileLLM-Pro (1.08B: 30 layers, hidden 1280, 20/4 heads,
   FFN 6144, vocab 202048, tied), the paper's on-device baseline.
@@ -149,6 +149,7 @@ def select(model, mode: str) -> None:
     kernels.set_enabled(bool(use_kernels))
     if kernels.available():
         kernels.set_instruction_set(use_kernels if isinstance(use_kernels, str) else "native")
+        kernels.set_float32_gemms("aten" if use_kernels == "avx2" else "native")  # see `set_float32_gemms`
     if family == "dense-pro":
         return
     if experts == "loop_all_experts" and not hasattr(model.moe_blocks()[0].routed_experts, "published_gate_up"):

@@ -50,6 +50,13 @@ def float32_gemms(request):
 
 
 @pytest.fixture
+def onednn_float32_gemms():
+    """fp32 GEMMs on oneDNN's linear, where this CPU would pick MKL (the checks of what must not reach it)."""
+    with kernels.use_float32_gemms("onednn"):
+        yield
+
+
+@pytest.fixture
 def two_threads():
     """Two torch threads (pytest-xdist workers run one each): the grouped GEMM splits its experts between threads."""
     threads = torch.get_num_threads()
@@ -304,6 +311,8 @@ def test_padding_free_rows_attend_per_sequence_as_under_the_packed_mask():
     torch.testing.assert_close(results["sdpa"][1], results["eager"][1])
 
 
+@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this build of torch has no oneDNN linear")
+@pytest.mark.usefixtures("onednn_float32_gemms")
 def test_float32_linear_keeps_stock_semantics_off_the_plain_inference_path():
     layer = torch.nn.Linear(64, 32)
     kernels.install(layer)
@@ -376,7 +385,9 @@ def test_float32_gemm_libraries_are_checked():
     with pytest.raises(RuntimeError, match="unknown library 'mkl'"):
         torch.ops.mobilemoe_cpu.float32_gemms("mkl")
     # oneDNN's fp32 linear only where MKL leaves AVX-512 unused: AMD (non-Intel) CPUs with AVX-512
-    amd_avx512 = kernels.instruction_set() != "avx2" and "GenuineIntel" not in open("/proc/cpuinfo").read()
+    with open("/proc/cpuinfo") as cpuinfo:
+        intel = "GenuineIntel" in cpuinfo.read()
+    amd_avx512 = kernels.instruction_set() != "avx2" and not intel and kernels._ONEDNN_LINEAR is not None
     assert kernels.set_float32_gemms("native") == ("onednn" if amd_avx512 else "aten") == kernels.float32_gemms()
 
 
@@ -639,7 +650,7 @@ def test_decoder_layers_run_two_operators_at_decode_and_match_stock_pytorch(inst
     model = model.to(dtype)
     assert all(layer.forward.__func__ is kernels.cpu_decoder_layer_forward for layer in model.model.layers)
     out, stock, profile = decode_step(model, tokens(batch=2, length=7))
-    layers = model.config.num_hidden_layers  # bf16 too on every instruction set, unlike lone linears
+    layers = model.config.num_hidden_layers  # bf16 too on every instruction set
     assert runs("attention_input", profile) == runs("layer_output", profile) == layers
     torch.testing.assert_close(out.logits, stock.logits, atol=TOLERANCE[dtype], rtol=0)
     for layer in range(model.config.num_hidden_layers):  # the cache holds the same keys and values
@@ -658,6 +669,8 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
     model = make_model(
         num_hidden_layers=4, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 1], routed_scaling_factor=1.7
     ).to(dtype)
+    if library == "onednn" and kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this build of torch has no oneDNN linear")
     input_ids = tokens(batch=2, length=12)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
@@ -671,6 +684,7 @@ def test_decoder_layers_run_two_operators_at_prefill_and_match_stock_pytorch(dty
         with torch.inference_mode():  # the grouped GEMM's and the attention's worker threads run under it too
             inference = model(input_ids, attention_mask=attention_mask, use_cache=True)
     assert runs("attention_input", profile) == runs("layer_output", profile) == runs("prefill_attention", profile) == 4
+    assert ran_onednn_linear(profile) == (library == "onednn")
     if library == "onednn":  # the MoE layers' FP32 routers on at::linear, as the router module's F.linear: ties agree
         assert sum(event.name == "aten::linear" for event in profile.events()) == 2
     torch.testing.assert_close(inference.logits, out.logits, atol=0, rtol=0)

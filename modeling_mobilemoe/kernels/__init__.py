@@ -19,7 +19,7 @@ linear measured 1.7-2.8x faster on the Zen 5 benchmark machine (AVX-512), so the
 - `swiglu_mlp`: the shared expert (gate, up, SwiGLU, down) in one call;
 - `decode_attention`: grouped-query attention of a few queries over the KV cache, each key/value head read once for
   its query group;
-- `prefill_attention`: attention of many queries as eager attention computes it, oneDNN's GEMMs on blocks of query
+- `prefill_attention`: attention of many queries as eager attention computes it, GEMMs on blocks of query
   positions (a group's query heads stacked, keys no query of the block sees skipped) around one softmax pass: 2.2x
   PyTorch's CPU SDPA in bf16 on CPUs without AMX (with AMX SDPA is faster, and runs), 1.7x in fp32;
 - `attention_input` and `layer_output`: the rest of a decoder layer around the cache update and attention (norms,
@@ -95,9 +95,8 @@ INSTRUCTION_SETS = ("avx2", "avx512", "avx512_bf16", "amx_bf16")
 # Libraries the fp32 GEMMs of inference past a few rows may run on (`set_float32_gemms`).
 FLOAT32_GEMMS = ("aten", "onednn")
 
-# oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it; inference only). `F.linear` in fp32
-# is MKL's sgemm, which on AMD CPUs takes its AVX2 code: this measured 1.7-2.8x faster on the Zen 5 benchmark machine,
-# and slower than MKL where MKL's code is as wide as the CPU's (`float32_gemms` in cpu_decode.cpp says more).
+# oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it; inference only), which fp32
+# inference past a few rows runs where `set_float32_gemms` chose it.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 _state: dict[str, object] = {
@@ -105,7 +104,6 @@ _state: dict[str, object] = {
     "reason": None,
     "enabled": True,
     "sdpa_packed_dtypes": (),
-    "float32_gemms": "aten",
 }
 
 
@@ -158,7 +156,6 @@ def available() -> bool:
     _state["sdpa_packed_dtypes"] = tuple(dtype for dtype in _KERNEL_DTYPES if torch.ops.mobilemoe_cpu.sdpa_packs(dtype))
     _state["loaded"] = True
     set_instruction_set("native")
-    set_float32_gemms("native")
     return True
 
 
@@ -181,8 +178,9 @@ def set_instruction_set(limit: str) -> str:
 def limit_instruction_set(limit: str) -> Iterator[str]:
     """`set_instruction_set(limit)` within the block only; yields the instruction set in use."""
     previous = instruction_set()
+    active = set_instruction_set(limit)
     try:
-        yield set_instruction_set(limit)
+        yield active
     finally:
         set_instruction_set(previous)
 
@@ -190,28 +188,29 @@ def limit_instruction_set(limit: str) -> Iterator[str]:
 def float32_gemms() -> str | None:
     """The library the fp32 GEMMs of inference past a few rows run on here (one of `FLOAT32_GEMMS`), None where the
     kernels can't run."""
-    return _state["float32_gemms"] if available() else None
+    return torch.ops.mobilemoe_cpu.float32_gemms() if available() else None
 
 
 def set_float32_gemms(library: str) -> str:
     """Runs the fp32 GEMMs of inference past a few rows (the operators' and `nn.Linear`'s) on `library` from now on:
     "aten" (`F.linear`: MKL's sgemm in PyTorch's x86 builds), "onednn" (oneDNN's fp32 linear), or "native": the one
     that measured faster on this kind of CPU (oneDNN on AMD CPUs with AVX-512, whose AVX-512 MKL leaves unused;
-    `float32_gemms` in cpu_decode.cpp). Returns the library now in use."""
+    `float32_gemms` in cpu_decode.cpp; MKL where this build of torch has no oneDNN linear). Returns the library now in
+    use."""
     if library not in (*FLOAT32_GEMMS, "native"):
         raise ValueError(f"fp32 GEMM library {library!r} is not one of native, {', '.join(FLOAT32_GEMMS)}")
     if not available():
         raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
-    _state["float32_gemms"] = torch.ops.mobilemoe_cpu.float32_gemms(library)
-    return _state["float32_gemms"]
+    return torch.ops.mobilemoe_cpu.float32_gemms(library)
 
 
 @contextlib.contextmanager
 def use_float32_gemms(library: str) -> Iterator[str]:
     """`set_float32_gemms(library)` within the block only; yields the library in use."""
     previous = float32_gemms()
+    active = set_float32_gemms(library)
     try:
-        yield set_float32_gemms(library)
+        yield active
     finally:
         set_float32_gemms(previous)
 
@@ -296,11 +295,12 @@ def _kernel_applies(
 def _onednn_linear_applies() -> bool:
     """oneDNN's fp32 linear is chosen (`set_float32_gemms`), there and on (`torch.backends.mkldnn.enabled`), and no
     graph is being compiled (it is an eager-only choice: compiled graphs take inductor's own GEMMs)."""
+    # The library is asked of the operators (one source of truth), at the cost of a call next to a GEMM of 5+ rows.
     return (
-        _state["float32_gemms"] == "onednn"
+        not torch.compiler.is_compiling()
         and _ONEDNN_LINEAR is not None
         and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
+        and torch.ops.mobilemoe_cpu.float32_gemms() == "onednn"
     )
 
 
@@ -312,7 +312,7 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     bias_needs_grad = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
     inference = _kernel_applies(input, self.weight) and not bias_needs_grad
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
-    if inference and input.dtype in _KERNEL_DTYPES and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
+    if inference and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
         return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
     if inference and input.dtype == torch.float32 and _onednn_linear_applies():
         return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
@@ -324,9 +324,9 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int) -> bool:
-    """Up to `streamed_limit` rows (or slots) an operator streams its weights, in every dtype it takes; more run
-    oneDNN's GEMMs inside it, for dtypes this CPU has native matmul kernels for (elsewhere the modules upcast half
-    precision to float32 first, see `cpu_linear_forward`)."""
+    """Up to `streamed_limit` rows (or slots) an operator streams its weights, in every dtype it takes; more run GEMMs
+    inside it, for dtypes this CPU has native matmul kernels for (elsewhere the modules upcast half precision to
+    float32 first, see `cpu_linear_forward`)."""
     return rows <= streamed_limit or not _half_matmul_is_slow(input.dtype)
 
 
@@ -374,8 +374,8 @@ def _moe_experts_fit(experts: nn.Module) -> bool:
 
 def cpu_mlp_forward(self: MobileMoEMLP, hidden_states: torch.Tensor) -> torch.Tensor:
     """`MobileMoEMLP.forward` for CPUs (the shared expert): inference runs gate, up, SwiGLU and down as one operator
-    (few rows streamed in the dtypes the linear kernel takes, more as GEMMs with the SwiGLU in one pass); anything else
-    is the module's own forward."""
+    (few rows streamed, fp32 or bf16, more as GEMMs with the SwiGLU in one pass); anything else is the module's own
+    forward."""
     weights = _swiglu_mlp_weights(self)
     fused = (
         weights is not None
@@ -637,7 +637,7 @@ def cpu_sdpa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' `sdpa` attention for CPUs, at inference: few queries (decode) run the `decode_attention` kernel,
     which reads each key/value head once for its whole query group (PyTorch's CPU SDPA took ~220 us a layer for one
-    bf16 query at 1k context); more queries (prefill) run `prefill_attention`, oneDNN's GEMMs around one softmax pass,
+    bf16 query at 1k context); more queries (prefill) run `prefill_attention`, GEMMs around one softmax pass,
     as eager attention computes it (`benchmarks/bench_attention.py`, a 1k-token S layer: bf16 7.7 ms against SDPA's
     16.6, which on CPUs without AMX multiplies bf16 at its fp32 speed; fp32 9.6 against 16.5), bf16 only where the
     CPU has native bf16 matmuls and SDPA has no AMX (`_sdpa_packs`); a padding-free batch (training too) runs

@@ -1,7 +1,7 @@
 // CPU kernels. Memory-bound ones for decoding (few rows per weight): a linear, the routed experts of one MoE layer, a
 // SwiGLU MLP (the shared expert) and grouped-query attention of a few queries over a KV cache; the steps of a decoder
-// layer around attention, which past a few rows (prefill) run oneDNN's GEMMs; and the routed experts as a grouped
-// GEMM with its backward, for training.
+// layer around attention, which past a few rows (prefill) run GEMMs; and the routed experts as a grouped GEMM with its
+// backward, for training.
 //
 // At one to a few tokens, a linear is a matrix-vector product whose time is streaming the weight from DRAM. PyTorch
 // runs it through its BLAS, which on the 2-core machines this package is benchmarked on reads weights at a third to a
@@ -404,35 +404,6 @@ at::Tensor run_swiglu_experts(const at::Tensor& hidden_states, const at::Tensor&
 // them: the eager layer's elementwise passes and, for the routed experts, a Python iteration and five operator calls
 // per expert.
 
-// Which library runs the operators' fp32 inference GEMMs: at::linear (MKL's sgemm in PyTorch's x86 builds) or oneDNN's
-// fp32 linear. MKL takes its AVX2 code on AMD CPUs (its own dispatch): on the Zen 5, with AVX-512, oneDNN's linear
-// measured 1.7-2.8x faster at this package's shapes (one core, an expert's 68 rows: 116-122 against 59-71 GFLOP/s; two
-// cores, 1024 rows: 383-391 against 171-188). Where MKL's code is as wide as the CPU's, MKL measured the faster one: on
-// an AVX2-only AMD EPYC (one core, an expert's gate-up and down: 50 and 47 against 45 and 39 GFLOP/s; a whole fp32 S
-// prefill 219.8 against 203.8 tok/s) and on an Intel Xeon with AVX-512 (505 against 492 tok/s). "native" picks that
-// way; tests and benchmarks may name either.
-const char* const kFloat32GemmNames[] = {"aten", "onednn"};
-enum Float32Gemms : int64_t { kAtenGemms = 0, kOneDnnGemms = 1 };
-
-int64_t native_float32_gemms() {
-  __builtin_cpu_init();
-  return kDetectedIsa >= kAvx512 && !__builtin_cpu_is("intel") ? kOneDnnGemms : kAtenGemms;
-}
-
-std::atomic<int64_t> float32_gemms_library{native_float32_gemms()};
-
-// The library of the fp32 inference GEMMs; `library` (aten, onednn or native) chooses it.
-std::string float32_gemms(c10::optional<std::string> library) {
-  if (library.has_value()) {
-    const auto* names_end = std::end(kFloat32GemmNames);
-    const auto* found = std::find(std::begin(kFloat32GemmNames), names_end, *library);
-    TORCH_CHECK(found != names_end || *library == "native", "mobilemoe_cpu.float32_gemms: unknown library '", *library,
-                "'; expected native, aten or onednn");
-    float32_gemms_library = found == names_end ? native_float32_gemms() : found - std::begin(kFloat32GemmNames);
-  }
-  return kFloat32GemmNames[float32_gemms_library.load()];
-}
-
 // oneDNN's fp32 linear as PyTorch registers it (inductor's frozen CPU graphs call it), where this build has it.
 using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                    c10::string_view, c10::List<c10::optional<at::Scalar>>,
@@ -449,6 +420,35 @@ const c10::optional<c10::TypedOperatorHandle<LinearPointwise>>& onednn_linear() 
   return op;
 }
 
+// Which library runs the operators' fp32 inference GEMMs: at::linear (MKL's sgemm in PyTorch's x86 builds) or oneDNN's
+// fp32 linear. MKL takes its AVX2 code on AMD CPUs (its own dispatch): on the Zen 5, with AVX-512, oneDNN's linear
+// measured 1.7-2.8x faster at this package's shapes (one core, an expert's 68 rows: 116-122 against 59-71 GFLOP/s; two
+// cores, 1024 rows: 383-391 against 171-188). Where MKL's code is as wide as the CPU's, MKL measured the faster one: on
+// an AVX2-only AMD EPYC (one core, an expert's gate-up and down: 50 and 47 against 45 and 39 GFLOP/s; a whole fp32 S
+// prefill 219.8-234.0 against 203.7-203.8 tok/s in two runs) and on an Intel Xeon with AVX-512 (505 against 492
+// tok/s). "native" picks that way; tests and benchmarks may name either.
+const char* const kFloat32GemmNames[] = {"aten", "onednn"};
+enum Float32Gemms : int64_t { kAtenGemms = 0, kOneDnnGemms = 1 };
+
+int64_t native_float32_gemms() {
+  const bool onednn = kDetectedIsa >= kAvx512 && !__builtin_cpu_is("intel") && onednn_linear().has_value();
+  return onednn ? kOneDnnGemms : kAtenGemms;
+}
+
+std::atomic<int64_t> float32_gemms_library{native_float32_gemms()};
+
+// The library of the fp32 inference GEMMs; `library` (aten, onednn or native) chooses it.
+std::string float32_gemms(c10::optional<std::string> library) {
+  if (library.has_value()) {
+    const auto* names_end = std::end(kFloat32GemmNames);
+    const auto* found = std::find(std::begin(kFloat32GemmNames), names_end, *library);
+    TORCH_CHECK(found != names_end || *library == "native", "mobilemoe_cpu.float32_gemms: unknown library '", *library,
+                "'; expected native, aten or onednn");
+    float32_gemms_library = found == names_end ? native_float32_gemms() : found - std::begin(kFloat32GemmNames);
+  }
+  return kFloat32GemmNames[float32_gemms_library.load()];
+}
+
 // x runs an fp32 GEMM on oneDNN's linear: chosen (`float32_gemms`), there, on (PyTorch's oneDNN switch,
 // `torch.backends.mkldnn.enabled`) and not kept on at::linear by the caller (`aten_float32`, training).
 bool onednn_float32(const at::Tensor& x, bool aten_float32) {
@@ -456,21 +456,21 @@ bool onednn_float32(const at::Tensor& x, bool aten_float32) {
          onednn_linear().has_value() && at::globalContext().userEnabledMkldnn();
 }
 
+at::Tensor onednn_gemm(const at::Tensor& x, const at::Tensor& weight) {
+  return onednn_linear()->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+}
+
 // x [..., K] times weight [N, K] transposed, as at::linear computes it (either may be a strided view): bf16 on
 // oneDNN's matmul (at::linear's), fp32 on the library `float32_gemms` chose. Like PyTorch's bf16 matmuls, oneDNN keeps
 // a primitive for every new shape in its cache.
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, bool aten_float32 = false) {
-  if (onednn_float32(x, aten_float32)) {
-    return onednn_linear()->call(x, weight, c10::nullopt, "none", c10::List<c10::optional<at::Scalar>>(),
-                                 c10::nullopt);
-  }
-  return at::linear(x, weight);
+  return onednn_float32(x, aten_float32) ? onednn_gemm(x, weight) : at::linear(x, weight);
 }
 
 // `gemm` of x [rows, K] written into out [rows, N], a view into a larger buffer.
 void gemm_into(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, bool aten_float32 = false) {
   if (onednn_float32(x, aten_float32)) {
-    out.copy_(gemm(x, weight));
+    out.copy_(onednn_gemm(x, weight));
   } else {
     at::mm_out(out, x, weight.t());
   }
@@ -717,7 +717,7 @@ bool tiles_apply(const at::Tensor& x, int64_t H, int64_t I, bool training) {
 }
 
 // The routed experts of many tokens as a grouped GEMM, computed as `sorted_experts` in the modeling file does: the
-// slots sorted by expert, each expert's rows through gate-up, SwiGLU and down (oneDNN GEMMs on contiguous rows;
+// slots sorted by expert, each expert's rows through gate-up, SwiGLU and down (GEMMs on contiguous rows;
 // experts without slots are never read), every slot's output times its routing weight, summed per token in expert
 // order, rounded to the activations' dtype after every step. Returns the output [tokens, H] and, for the backward,
 // the sorted rows' gate-up [slots, 2I], SwiGLU [slots, I] and expert outputs [slots, H].
@@ -1243,8 +1243,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 // on the same products took about 3 (fp32: 16 ms, 14 here). Where it packs a dtype's GEMMs for AMX tiles
 // (`sdpa_packs`) SDPA is the faster one: 4.6 against 8.7 ms in bf16 on a 2-core Xeon with AMX, padded 14.0 against
 // 17.7, so the Python side sends that dtype to SDPA. This runs the attention as transformers' eager attention
-// computes it in the activations' dtype T: scores = q k^T (oneDNN GEMM, rounded to T), times the scale (rounded),
-// masked, softmax in fp32, probabilities rounded to T, then probabilities @ v (oneDNN GEMM). Per key/value head and
+// computes it in the activations' dtype T: scores = q k^T (a GEMM, rounded to T), times the scale (rounded),
+// masked, softmax in fp32, probabilities rounded to T, then probabilities @ v (a GEMM). Per key/value head and
 // block of query positions, the block's rows of every query head of the group are stacked into one GEMM, and keys
 // past the last one any row of the block may see are never multiplied (causal attention: about half the products).
 
