@@ -379,6 +379,27 @@ def test_float32_gemms_run_the_chosen_library_at_inference_and_mkl_in_training(o
         torch.testing.assert_close(outputs["onednn"], outputs["aten"], atol=1e-4, rtol=1e-4)
 
 
+def test_member_reads_what_getattr_reads_and_none_for_what_is_not_there():
+    class Block(torch.nn.Module):
+        scale = 2.0  # a class attribute
+
+        def gather_weights(self):  # a method, as the exporters' experts have
+            return None
+
+    block = Block()
+    block.linear = torch.nn.Linear(8, 8)
+    block.register_buffer("bias_table", torch.zeros(3))
+    block.weight = torch.nn.Parameter(torch.ones(2))
+    block.plain = "set on the instance"
+    block.missing_module = None  # nn.Module keeps a None assigned to a new name as a plain attribute
+    for name in ("linear", "bias_table", "weight", "plain", "scale", "missing_module", "gather_weights", "training"):
+        read, expected = kernels._member(block, name), getattr(block, name)
+        assert read is expected or read == expected, name  # a bound method is a new, equal object each time
+    assert kernels._member(block, "activation_fake_quantizer") is None
+    block.linear = torch.nn.Identity()  # re-registered: read afresh, nothing cached
+    assert type(kernels._member(block, "linear")) is torch.nn.Identity
+
+
 def test_float32_gemm_libraries_are_checked():
     with pytest.raises(ValueError, match="fp32 GEMM library 'mkl' is not one of native, aten, onednn"):
         kernels.set_float32_gemms("mkl")

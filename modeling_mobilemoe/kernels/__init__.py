@@ -292,6 +292,17 @@ def _kernel_applies(
     return dtype_ok and layout_ok and (_state["loaded"] if torch.compiler.is_compiling() else available())
 
 
+def _member(module: nn.Module, name: str) -> object:
+    """`getattr(module, name)`, read from the module's registries first: nn.Module's `__getattr__` reaches a registered
+    submodule, parameter or buffer only after Python's own lookup has raised and caught an AttributeError (~1.7 us an
+    access on the 2-core AMD EPYC; a decode step's checks made ~70 such accesses a layer, ~2.4 ms a bf16 S step). An
+    attribute that is not there is None (the optional hooks of QAT and the exporters), without an exception either."""
+    for registry in (module._modules, module._parameters, module._buffers, vars(module)):
+        if name in registry:
+            return registry[name]
+    return None if getattr(type(module), name, None) is None else getattr(module, name)  # bound, as getattr binds
+
+
 def _onednn_linear_applies() -> bool:
     """oneDNN's fp32 linear is chosen (`set_float32_gemms`), there and on (`torch.backends.mkldnn.enabled`), and no
     graph is being compiled (it is an eager-only choice: compiled graphs take inductor's own GEMMs)."""
@@ -309,18 +320,18 @@ def cpu_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     rows on the library `set_float32_gemms` chose; bf16/fp16 inputs of more rows in float32 where the CPU has no native
     half-precision matmul (as `sorted_mm` does for the experts: the upcast costs one pass over the weight, the
     half-precision GEMM falls off oneDNN's fast kernels)."""
-    bias_needs_grad = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
-    inference = _kernel_applies(input, self.weight) and not bias_needs_grad
+    weight, bias = _member(self, "weight"), _member(self, "bias")
+    bias_needs_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    inference = _kernel_applies(input, weight) and not bias_needs_grad
     # Shapes are checked last: under torch.export a size test would constrain the exported sequence length.
     if inference and input.numel() <= MAX_LINEAR_ROWS * input.shape[-1]:
-        return torch.ops.mobilemoe_cpu.linear(input, self.weight, self.bias)
+        return torch.ops.mobilemoe_cpu.linear(input, weight, bias)
     if inference and input.dtype == torch.float32 and _onednn_linear_applies():
-        return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
+        return _ONEDNN_LINEAR(input, weight, bias, "none", [], "")
     upcast = _cpu_outside_export(input) and _half_matmul_is_slow(input.dtype)
     if upcast and input.numel() >= UPCAST_MIN_ROWS * input.shape[-1]:
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
-    return F.linear(input, self.weight, self.bias)
+        return F.linear(input.float(), weight.float(), None if bias is None else bias.float()).to(input.dtype)
+    return F.linear(input, weight, bias)
 
 
 def _rows_fit(input: torch.Tensor, rows: int, streamed_limit: int) -> bool:
@@ -348,7 +359,7 @@ def _is_plain_kernel_linear(module: nn.Module) -> bool:
     forward = vars(module).get("forward")
     return (
         type(module) is nn.Linear
-        and module.bias is None
+        and _member(module, "bias") is None
         and getattr(forward, "__func__", None) is cpu_linear_forward
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not _global_module_hooks()
@@ -357,18 +368,18 @@ def _is_plain_kernel_linear(module: nn.Module) -> bool:
 
 def _swiglu_mlp_weights(mlp: MobileMoEMLP) -> tuple[torch.Tensor, ...] | None:
     """gate, up and down weights where `swiglu_mlp` computes what `mlp` does (SiLU, plain kernel linears), or None."""
-    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)) and all(map(_is_plain_kernel_linear, projections)):
-        return tuple(projection.weight for projection in projections)
+    projections = tuple(_member(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    if isinstance(_member(mlp, "act_fn"), (nn.SiLU, SiLUActivation)) and all(map(_is_plain_kernel_linear, projections)):
+        return tuple(_member(projection, "weight") for projection in projections)
     return None
 
 
 def _moe_experts_fit(experts: nn.Module) -> bool:
     """`moe_experts` computes what these experts do: SiLU, no QAT activation quantizer, not exporters' packed INT4."""
     return (
-        isinstance(experts.act_fn, (nn.SiLU, SiLUActivation))
-        and getattr(experts, "activation_fake_quantizer", None) is None
-        and getattr(experts, "gather_weights", None) is None
+        isinstance(_member(experts, "act_fn"), (nn.SiLU, SiLUActivation))
+        and _member(experts, "activation_fake_quantizer") is None
+        and _member(experts, "gather_weights") is None
     )
 
 
@@ -418,23 +429,25 @@ def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[tuple[nn.Module, ...
     if type(feed_forward) is MobileMoEMLP:
         mlp, skipped, routing = feed_forward, (), ()
     elif _is_stock(feed_forward, MobileMoESparseMoeBlock):
-        router, experts, mlp = feed_forward.router, feed_forward.routed_experts, feed_forward.shared_expert
+        router, experts, mlp = (_member(feed_forward, name) for name in ("router", "routed_experts", "shared_expert"))
+        router_weight = _member(router, "weight")
         if not (
             _is_stock(router, MobileMoETopkRouter)
             and _is_stock(experts, MobileMoEExperts)
             and type(mlp) is MobileMoEMLP
             and experts.config._experts_implementation in ("sorted_mm", "cpu_fused")
             and _moe_experts_fit(experts)
-            and type(router.weight) is nn.Parameter
+            and type(router_weight) is nn.Parameter
             # The FP32 router's weight is left out of `_kernel_applies` (another dtype than the activations'), so
             # what that checks is checked here: a trainable router under autograd needs its gradient.
-            and router.weight.dtype == torch.float32
-            and router.weight.is_contiguous()
-            and not (torch.is_grad_enabled() and router.weight.requires_grad)
+            and router_weight.dtype == torch.float32
+            and router_weight.is_contiguous()
+            and not (torch.is_grad_enabled() and router_weight.requires_grad)
         ):
             return None
         skipped = (feed_forward, router, experts)
-        routing = (router.weight, feed_forward.expert_bias, experts.gate_up_proj, experts.down_proj)
+        experts_weights = (_member(experts, "gate_up_proj"), _member(experts, "down_proj"))
+        routing = (router_weight, _member(feed_forward, "expert_bias"), *experts_weights)
     else:
         return None
     mlp_weights = _swiglu_mlp_weights(mlp)
@@ -443,10 +456,10 @@ def _fusable_feed_forward(feed_forward: nn.Module) -> tuple[tuple[nn.Module, ...
     return (*skipped, mlp), (*mlp_weights, *routing)
 
 
-def _layer_rows_fit(layer: MobileMoEDecoderLayer, hidden_states: torch.Tensor) -> bool:
-    """The layer operators take these rows (`_rows_fit`), and an MoE layer's experts their (token, expert) slots."""
+def _layer_rows_fit(hidden_states: torch.Tensor, top_k: int) -> bool:
+    """The layer operators take these rows (`_rows_fit`), and an MoE layer's experts (`top_k` of them a token, 0 in a
+    dense layer) their (token, expert) slots."""
     rows = hidden_states.shape[0] * hidden_states.shape[1]
-    top_k = layer.feed_forward.router.top_k if layer.is_moe_layer else 0
     return _rows_fit(hidden_states, rows, MAX_LINEAR_ROWS) and _rows_fit(hidden_states, rows * top_k, MAX_FUSED_SLOTS)
 
 
@@ -466,18 +479,22 @@ def cpu_decoder_layer_forward(
     rows only where the CPU has native bf16 matmuls. Anything else (training, autograd, replaced or hooked modules,
     other attention or experts implementations, captured router logits or attentions, head dimensions that are not a
     multiple of 16) is the layer's own forward."""
-    attention = self.self_attn
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-    qk_norm = () if attention.qk_norm is None else (attention.qk_norm,)
-    norms = (self.input_layernorm, self.post_attention_layernorm, *qk_norm)
-    fusable = None if self.training or torch.compiler.is_compiling() else _fusable_feed_forward(self.feed_forward)
+    # Submodules and weights by `_member`: these checks run for every layer of every decode step.
+    attention = _member(self, "self_attn")
+    input_norm, post_norm = _member(self, "input_layernorm"), _member(self, "post_attention_layernorm")
+    qk_norm = _member(attention, "qk_norm")
+    projections = tuple(_member(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    norms = (input_norm, post_norm) if qk_norm is None else (input_norm, post_norm, qk_norm)
+    skip_fusion = self.training or torch.compiler.is_compiling()
+    fusable = None if skip_fusion else _fusable_feed_forward(_member(self, "feed_forward"))
     feed_forward_modules, feed_forward = fusable or ((), None)
+    router = feed_forward_modules[1] if len(feed_forward_modules) > 1 else None  # (block, router, experts, mlp)
     fused = (
         fusable is not None
         and _is_stock(attention, MobileMoEAttention)
-        and _is_stock(self.input_layernorm, MobileMoERMSNorm)
-        and _is_stock(self.post_attention_layernorm, MobileMoERMSNorm)
-        and (attention.qk_norm is None or _is_stock(attention.qk_norm, MobileMoEQKNorm))
+        and _is_stock(input_norm, MobileMoERMSNorm)
+        and _is_stock(post_norm, MobileMoERMSNorm)
+        and (qk_norm is None or _is_stock(qk_norm, MobileMoEQKNorm))
         and attention.config._attn_implementation in ("sdpa", CPU_SDPA)
         and not kwargs.get("output_attentions", False)
         and "past_key_values" not in kwargs
@@ -487,14 +504,12 @@ def cpu_decoder_layer_forward(
         and attention.head_dim % 16 == 0
         and _kernel_applies(
             hidden_states,
-            self.input_layernorm.weight,
-            self.post_attention_layernorm.weight,
-            *(projection.weight for projection in projections),
+            *(_member(module, "weight") for module in (input_norm, post_norm, *projections)),
             *feed_forward[:3],
             *feed_forward[5:],
         )
         and hidden_states.dim() == 3
-        and _layer_rows_fit(self, hidden_states)  # last, as in `cpu_linear_forward`
+        and _layer_rows_fit(hidden_states, 0 if router is None else router.top_k)  # last, as in `cpu_linear_forward`
     )
     if not fused:
         # By keyword, as the model calls it: the class's checkpointing and `past_key_values` wrappers read keywords.
@@ -508,31 +523,31 @@ def cpu_decoder_layer_forward(
             position_embeddings=position_embeddings,
             **kwargs,
         )
+    q_weight, k_weight, v_weight, o_weight = (_member(projection, "weight") for projection in projections)
     cos, sin = position_embeddings if attention.use_rope else (None, None)
     query, key, value = torch.ops.mobilemoe_cpu.attention_input(
         hidden_states,
-        self.input_layernorm.weight,
-        self.input_layernorm.variance_epsilon,
-        attention.q_proj.weight,
-        attention.k_proj.weight,
-        attention.v_proj.weight,
+        _member(input_norm, "weight"),
+        input_norm.variance_epsilon,
+        q_weight,
+        k_weight,
+        v_weight,
         attention.head_dim,
         cos,
         sin,
-        None if attention.qk_norm is None else attention.qk_norm.eps,
+        None if qk_norm is None else qk_norm.eps,
     )
     if cache is not None:
         key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
     attended, _ = cpu_sdpa_attention_forward(
         attention, query, key, value, attention_mask, scaling=attention.scaling, **kwargs
     )
-    router = self.feed_forward.router if len(feed_forward) > 3 else None
     return torch.ops.mobilemoe_cpu.layer_output(
         attended,
         hidden_states,
-        attention.o_proj.weight,
-        self.post_attention_layernorm.weight,
-        self.post_attention_layernorm.variance_epsilon,
+        o_weight,
+        _member(post_norm, "weight"),
+        post_norm.variance_epsilon,
         *feed_forward[:3],
         *(feed_forward[3:] or (None,) * 4),
         0 if router is None else router.top_k,
