@@ -45,8 +45,8 @@ def instruction_set(request):
 @pytest.fixture(params=kernels.FLOAT32_GEMMS)
 def float32_gemms(request):
     """Each library the fp32 GEMMs of inference may run on, whichever this CPU's own choice is."""
-    yield kernels.set_float32_gemms(request.param)
-    kernels.set_float32_gemms("native")
+    with kernels.use_float32_gemms(request.param) as library:
+        yield library
 
 
 @pytest.fixture
@@ -359,22 +359,18 @@ def test_float32_gemms_run_the_chosen_library_at_inference_and_mkl_in_training(o
     }
     training = operator == "moe_experts_backward"
     outputs = {}
-    try:
-        for library in kernels.FLOAT32_GEMMS:
-            kernels.set_float32_gemms(library)
-            with torch.profiler.profile() as profile:
-                outputs[library] = calls[operator]()
-            names = {event.name for event in profile.events()}
-            onednn = library == "onednn" and not training
-            assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
-            assert ("mkldnn::_linear_pointwise" in names) == onednn
-            assert ("aten::mm" in names) != onednn
-        if operator == "prefill_attention":  # PyTorch's switch for oneDNN turns it off here too
-            with onednn_off(), torch.profiler.profile() as profile:
-                calls[operator]()
-            assert not ran_onednn_linear(profile)
-    finally:
-        kernels.set_float32_gemms("native")
+    for library in kernels.FLOAT32_GEMMS:
+        with kernels.use_float32_gemms(library), torch.profiler.profile() as profile:
+            outputs[library] = calls[operator]()
+        names = {event.name for event in profile.events()}
+        onednn = library == "onednn" and not training
+        assert ran(operator, profile) and ran("moe_experts_forward", profile) == training
+        assert ("mkldnn::_linear_pointwise" in names) == onednn
+        assert ("aten::mm" in names) != onednn
+    if operator == "prefill_attention":  # PyTorch's switch for oneDNN turns it off here too
+        with kernels.use_float32_gemms("onednn"), onednn_off(), torch.profiler.profile() as profile:
+            calls[operator]()
+        assert not ran_onednn_linear(profile)
     if not training:
         torch.testing.assert_close(outputs["onednn"], outputs["aten"], atol=1e-4, rtol=1e-4)
 

@@ -51,7 +51,7 @@ import contextlib
 import logging
 import os
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +113,20 @@ def set_enabled(on: bool) -> None:
 
 
 @contextlib.contextmanager
-def enabled(on: bool) -> Iterator[None]:
-    """`set_enabled(on)` within the block only."""
-    previous = _state["enabled"]
-    set_enabled(on)
+def _temporarily(current: Callable[[], object], choose: Callable[[object], object], value: object) -> Iterator:
+    """`choose(value)` within the block only, then `choose` again what `current()` gave before it; yields what
+    `choose(value)` returned."""
+    previous = current()
+    active = choose(value)
     try:
-        yield
+        yield active
     finally:
-        set_enabled(previous)
+        choose(previous)
+
+
+def enabled(on: bool) -> contextlib.AbstractContextManager[None]:
+    """`set_enabled(on)` within the block only."""
+    return _temporarily(lambda: _state["enabled"], set_enabled, on)
 
 
 def unavailable_reason() -> str | None:
@@ -167,22 +173,13 @@ def instruction_set() -> str | None:
 def set_instruction_set(limit: str) -> str:
     """Caps the kernels at `limit` (one of `INSTRUCTION_SETS`, or "native": the highest this CPU supports) from now on,
     so every path a machine supports can be tested and measured; returns the instruction set now in use."""
-    if limit not in (*INSTRUCTION_SETS, "native"):
-        raise ValueError(f"instruction set {limit!r} is not one of native, {', '.join(INSTRUCTION_SETS)}")
-    if not available():
-        raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
+    _check_choice(limit, INSTRUCTION_SETS, "instruction set")
     return torch.ops.mobilemoe_cpu.instruction_set(limit)
 
 
-@contextlib.contextmanager
-def limit_instruction_set(limit: str) -> Iterator[str]:
+def limit_instruction_set(limit: str) -> contextlib.AbstractContextManager[str]:
     """`set_instruction_set(limit)` within the block only; yields the instruction set in use."""
-    previous = instruction_set()
-    active = set_instruction_set(limit)
-    try:
-        yield active
-    finally:
-        set_instruction_set(previous)
+    return _temporarily(instruction_set, set_instruction_set, limit)
 
 
 def float32_gemms() -> str | None:
@@ -197,22 +194,21 @@ def set_float32_gemms(library: str) -> str:
     that measured faster on this kind of CPU (oneDNN on AMD CPUs with AVX-512, whose AVX-512 MKL leaves unused;
     `float32_gemms` in cpu_decode.cpp; MKL where this build of torch has no oneDNN linear). Returns the library now in
     use."""
-    if library not in (*FLOAT32_GEMMS, "native"):
-        raise ValueError(f"fp32 GEMM library {library!r} is not one of native, {', '.join(FLOAT32_GEMMS)}")
-    if not available():
-        raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
+    _check_choice(library, FLOAT32_GEMMS, "fp32 GEMM library")
     return torch.ops.mobilemoe_cpu.float32_gemms(library)
 
 
-@contextlib.contextmanager
-def use_float32_gemms(library: str) -> Iterator[str]:
+def use_float32_gemms(library: str) -> contextlib.AbstractContextManager[str]:
     """`set_float32_gemms(library)` within the block only; yields the library in use."""
-    previous = float32_gemms()
-    active = set_float32_gemms(library)
-    try:
-        yield active
-    finally:
-        set_float32_gemms(previous)
+    return _temporarily(float32_gemms, set_float32_gemms, library)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    """`value` is one of `choices` or "native", and the kernels can run here (the setters' precondition)."""
+    if value not in (*choices, "native"):
+        raise ValueError(f"{what} {value!r} is not one of native, {', '.join(choices)}")
+    if not available():
+        raise RuntimeError(f"MobileMoE CPU kernels are unavailable: {unavailable_reason()}")
 
 
 def _register_fakes() -> None:
@@ -717,10 +713,13 @@ __all__ = [
     "cpu_mlp_forward",
     "cpu_sdpa_attention_forward",
     "enabled",
+    "float32_gemms",
     "install",
     "instruction_set",
     "limit_instruction_set",
     "set_enabled",
+    "set_float32_gemms",
     "set_instruction_set",
     "unavailable_reason",
+    "use_float32_gemms",
 ]

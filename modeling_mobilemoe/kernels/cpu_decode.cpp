@@ -63,16 +63,25 @@ int64_t detected_isa() {
 const int64_t kDetectedIsa = detected_isa();
 std::atomic<int64_t> active_isa{kDetectedIsa};
 
+// The position of `name` among `names`, `native` where it is "native"; anything else is an error of operator `op`
+// that names the choices (`what` they are).
+template <size_t N>
+int64_t choice_index(const char* const (&names)[N], const std::string& name, int64_t native, const char* op,
+                     const char* what) {
+  if (name == "native") return native;
+  const auto* found = std::find(std::begin(names), std::end(names), name);
+  std::string expected = "native";
+  for (size_t i = 0; i < N; ++i) expected += (i + 1 < N ? ", " : " or ") + std::string(names[i]);
+  TORCH_CHECK(found != std::end(names), "mobilemoe_cpu.", op, ": unknown ", what, " '", name, "'; expected ", expected);
+  return found - std::begin(names);
+}
+
 // The instruction set the kernels use; `limit` (one of kIsaNames) caps it at that level (tests and benchmarks run
 // every path a machine supports), "native" lifts the cap.
 std::string instruction_set(c10::optional<std::string> limit) {
   if (limit.has_value()) {
-    const auto* names_end = std::end(kIsaNames);
-    const auto* found = std::find(std::begin(kIsaNames), names_end, *limit);
-    TORCH_CHECK(found != names_end || *limit == "native", "mobilemoe_cpu.instruction_set: unknown instruction set '",
-                *limit, "'; expected native, avx2, avx512, avx512_bf16 or amx_bf16");
-    const int64_t wanted = found == names_end ? kDetectedIsa : found - std::begin(kIsaNames);
-    active_isa = std::min(wanted, kDetectedIsa);
+    active_isa = std::min(choice_index(kIsaNames, *limit, kDetectedIsa, "instruction_set", "instruction set"),
+                          kDetectedIsa);
   }
   return kIsaNames[active_isa.load()];
 }
@@ -440,11 +449,7 @@ std::atomic<int64_t> float32_gemms_library{native_float32_gemms()};
 // The library of the fp32 inference GEMMs; `library` (aten, onednn or native) chooses it.
 std::string float32_gemms(c10::optional<std::string> library) {
   if (library.has_value()) {
-    const auto* names_end = std::end(kFloat32GemmNames);
-    const auto* found = std::find(std::begin(kFloat32GemmNames), names_end, *library);
-    TORCH_CHECK(found != names_end || *library == "native", "mobilemoe_cpu.float32_gemms: unknown library '", *library,
-                "'; expected native, aten or onednn");
-    float32_gemms_library = found == names_end ? native_float32_gemms() : found - std::begin(kFloat32GemmNames);
+    float32_gemms_library = choice_index(kFloat32GemmNames, *library, native_float32_gemms(), "float32_gemms", "library");
   }
   return kFloat32GemmNames[float32_gemms_library.load()];
 }
